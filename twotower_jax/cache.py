@@ -1,0 +1,65 @@
+"""Inference caches: a per-layer pytree (KV for `*`, conv + fp32 SSM state for `M`, nothing otherwise).
+
+Slots of the KV buffers are absolute positions 0..capacity-1 shared by every row; rows of different
+prompt lengths are left-padded, and `key_valid` marks which slots hold real tokens. There is no
+positional encoding in the model, so slot numbers matter only for causality.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from twotower_jax.config import ATTENTION, MAMBA, NemotronHConfig
+
+
+@struct.dataclass
+class AttentionCache:
+    k: Float[Array, "b s kvh d"]
+    v: Float[Array, "b s kvh d"]
+
+
+@struct.dataclass
+class MambaCache:
+    conv: Float[Array, "b k1 c"]   # last conv_kernel-1 raw (pre-conv) xBC columns
+    ssm: Float[Array, "b h p n"]   # float32 always
+
+
+LayerCache = Optional[Union[AttentionCache, MambaCache]]
+
+
+@struct.dataclass
+class TowerCache:
+    layers: tuple                  # one LayerCache per layer (None for `E` and `-`)
+    key_valid: Bool[Array, "b s"]  # which KV slots hold real (non-pad) tokens
+    length: Int[Array, ""]         # slots filled so far (same for every row)
+
+    @property
+    def capacity(self) -> int:
+        return self.key_valid.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_valid.shape[0]
+
+
+def init_cache(config: NemotronHConfig, batch_size: int, capacity: int, dtype=jnp.float32) -> TowerCache:
+    """An empty cache for `capacity` positions. KV in `dtype`; Mamba conv and SSM states in float32."""
+    if batch_size < 1 or capacity < 1:
+        raise ValueError(f"cache needs batch_size >= 1 and capacity >= 1, got {batch_size}, {capacity}")
+    layers = []
+    for layer_type in config.pattern:
+        if layer_type == ATTENTION:
+            shape = (batch_size, capacity, config.num_key_value_heads, config.head_dim)
+            layers.append(AttentionCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
+        elif layer_type == MAMBA:
+            layers.append(MambaCache(
+                conv=jnp.zeros((batch_size, config.conv_kernel - 1, config.conv_dim), jnp.float32),
+                ssm=jnp.zeros((batch_size, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size),
+                              jnp.float32)))
+        else:
+            layers.append(None)
+    return TowerCache(layers=tuple(layers), key_valid=jnp.zeros((batch_size, capacity), bool),
+                      length=jnp.zeros((), jnp.int32))

@@ -1,0 +1,188 @@
+"""Read and write Nemotron-H checkpoints in the Hugging Face layout (config.json + safetensors).
+
+Tensors are read one at a time straight from the safetensors files (never the whole model in host
+memory), every shape is checked against the mapping table, and missing or unexpected tensors are
+reported by name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import jax  # noqa: F401  (importing jax registers the bfloat16 numpy dtype that safetensors needs)
+import ml_dtypes  # noqa: F401
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from twotower_jax.checkpoint.mapping import TensorRule, keeps_float32, tower_rules
+from twotower_jax.config import ConfigError, NemotronHConfig, encode_special_floats
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_MAX_NAMES_SHOWN = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it claims to be."""
+
+
+def _names(names: Iterable[str]) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:_MAX_NAMES_SHOWN])
+    return shown + (f", ... ({len(names) - _MAX_NAMES_SHOWN} more)" if len(names) > _MAX_NAMES_SHOWN else "")
+
+
+def read_config_json(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def tensor_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """Maps every tensor name in the checkpoint to the safetensors file holding it."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = {name: directory / fname for name, fname in weight_map.items()}
+        absent = sorted({str(p) for p in files.values() if not p.is_file()})
+        if absent:
+            raise CheckpointError(f"{index} names shard files that do not exist: {absent}")
+        return files
+    single = directory / SINGLE_FILE
+    candidates = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
+    if not candidates:
+        raise CheckpointError(f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
+    files: dict[str, Path] = {}
+    for path in candidates:
+        for name in _open(path).keys():
+            files[name] = path
+    return files
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="np")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+
+
+def read_params(directory: str | os.PathLike, rules: list[TensorRule], target_shapes: Mapping,
+                dtype=np.float32) -> dict:
+    """Builds our nested param dict from the checkpoint's tensors through `rules`.
+
+    `target_shapes` is our param tree (e.g. from `jax.eval_shape`); every produced array is checked
+    against it. Raises CheckpointError naming missing, unexpected or wrongly-shaped tensors.
+    """
+    files = tensor_files(directory)
+    expected = {name for rule in rules for name in rule.hf_names}
+    missing, unexpected = expected - files.keys(), files.keys() - expected
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
+        raise CheckpointError(f"{directory}: checkpoint does not match the config: " + "; ".join(parts))
+
+    handles: dict[Path, object] = {}
+    params: dict = {}
+    for rule in rules:
+        arrays = []
+        for name, shape in zip(rule.hf_names, rule.hf_shapes):
+            path = files[name]
+            handle = handles.get(path) or handles.setdefault(path, _open(path))
+            try:
+                array = handle.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
+            if tuple(array.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+            arrays.append(array)
+        value = rule.to_ours(arrays)
+        target = _get(target_shapes, rule.path)
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"param {'/'.join(rule.path)} built with shape {value.shape}, model expects "
+                                  f"{tuple(target.shape)}")
+        _set(params, rule.path, value.astype(np.float32 if keeps_float32(rule.path) else dtype))
+        del arrays
+    return params
+
+
+def _get(tree: Mapping, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_hf_tower(directory: str | os.PathLike, dtype=np.float32, **config_overrides
+                  ) -> tuple[NemotronHConfig, dict]:
+    """Loads a single-tower Nemotron-H checkpoint (`backbone.*` + `lm_head.weight`): (config, params)."""
+    from twotower_jax.tower import NemotronH
+
+    try:
+        config = NemotronHConfig.from_hf_dict(read_config_json(directory), **config_overrides)
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{directory}/config.json: {e}") from e
+    shapes = NemotronH(config).param_shapes()
+    return config, read_params(directory, tower_rules(config), shapes, dtype)
+
+
+def write_hf_tensors(directory: str | os.PathLike, config_dict: dict, tensors: Mapping[str, np.ndarray],
+                     max_shard_bytes: Optional[int] = None) -> None:
+    """Writes config.json and the tensors as one `model.safetensors`, or as shards with an index."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(encode_special_floats(config_dict), indent=2))
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    if max_shard_bytes is None:
+        save_file(tensors, str(directory / SINGLE_FILE))
+        return
+    shards: list[dict] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname))
+        weight_map.update({name: fname for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2))
+
+
+def hf_tensors_from_params(rules: list[TensorRule], params: Mapping) -> dict[str, np.ndarray]:
+    """Our params → HF-named tensors (the inverse of `read_params`)."""
+    out = {}
+    for rule in rules:
+        for name, array in zip(rule.hf_names, rule.to_hf(np.asarray(_get(params, rule.path)))):
+            out[name] = array
+    return out
+
+
+def save_hf_tower(directory: str | os.PathLike, config: NemotronHConfig, params: Mapping,
+                  max_shard_bytes: Optional[int] = None) -> None:
+    """Writes a single-tower checkpoint that `transformers`' NemotronHForCausalLM and `load_hf_tower` read."""
+    write_hf_tensors(directory, config.to_hf_dict(), hf_tensors_from_params(tower_rules(config), params),
+                     max_shard_bytes)

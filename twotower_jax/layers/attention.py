@@ -1,0 +1,63 @@
+"""Grouped-query attention with no positional encoding, reading and writing a slot-indexed KV cache."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from twotower_jax.cache import AttentionCache
+from twotower_jax.config import NemotronHConfig
+
+
+def gqa_attention(
+    q: Float[Array, "b l hq d"],
+    k: Float[Array, "b s kvh d"],
+    v: Float[Array, "b s kvh d"],
+    mask: Bool[Array, "b l s"],
+) -> Float[Array, "b l hq d"]:
+    """softmax(q·kᵀ/√d + mask)·v with query heads grouped onto KV heads; scores and softmax in float32.
+
+    Masked scores get the most negative finite float rather than −inf, so a query with no visible key
+    (a pad position) yields a harmless average instead of NaN.
+    """
+    b, length, hq, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, length, kvh, hq // kvh, d)
+    scores = jnp.einsum("blgrd,bsgd->bgrls", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrls,bsgd->blgrd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, length, hq, d).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    config: NemotronHConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b l d"], cache: AttentionCache, start: Int[Array, ""],
+                 key_valid: Bool[Array, "b s"]):
+        """Writes this chunk's K/V at slots start..start+l-1, attends causally over all valid slots.
+
+        `key_valid` must already include this chunk's validity. Returns (out (b, l, d), new cache).
+        """
+        cfg = self.config
+        b, length, _ = x.shape
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = nn.Dense(cfg.num_attention_heads * cfg.head_dim, name="q_proj", **dense)(x)
+        k = nn.Dense(cfg.num_key_value_heads * cfg.head_dim, name="k_proj", **dense)(x)
+        v = nn.Dense(cfg.num_key_value_heads * cfg.head_dim, name="v_proj", **dense)(x)
+        q = q.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim).astype(cache.k.dtype)
+        v = v.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim).astype(cache.v.dtype)
+        k_all = jax.lax.dynamic_update_slice(cache.k, k, (0, start, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(cache.v, v, (0, start, 0, 0))
+
+        query_slot = start + jnp.arange(length)
+        key_slot = jnp.arange(cache.k.shape[1])
+        mask = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
+        out = gqa_attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), mask)
+        out = nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out.reshape(b, length, -1))
+        return out, AttentionCache(k=k_all, v=v_all)

@@ -1,0 +1,114 @@
+"""Mixture of experts (SPEC §2) and the dense relu² MLP.
+
+Router (float32): s = sigmoid(x·Wᵀ); pick top-k of s + e_score_correction_bias (group-limited when
+n_group > 1); weights = the unbiased s at the picks, renormalised, × routed_scaling_factor.
+Experts are non-gated: down(relu(up(x))²). One shared expert is always added.
+
+Two dispatches with the same result: "ragged" (sort token copies by expert, `lax.ragged_dot` over the
+expert stack) and "dense" (every expert on every token, then weighted; the test reference).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from twotower_jax.config import NemotronHConfig
+
+MoEImpl = Literal["ragged", "dense"]
+
+
+def relu_squared(x):
+    return jnp.square(jax.nn.relu(x))
+
+
+class ReluSquaredMLP(nn.Module):
+    """down_proj(relu(up_proj(x))²): the `-` layers and the MoE shared expert."""
+    hidden_size: int
+    intermediate_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = relu_squared(nn.Dense(self.intermediate_size, name="up_proj", **dense)(x))
+        return nn.Dense(self.hidden_size, name="down_proj", **dense)(h)
+
+
+def route(
+    x: Float[Array, "t d"],
+    weight: Float[Array, "e d"],
+    correction_bias: Float[Array, "e"],
+    config: NemotronHConfig,
+) -> tuple[Float[Array, "t k"], Int[Array, "t k"]]:
+    """Returns (combine weights (float32), expert indices) for each token."""
+    logits = jnp.einsum("td,ed->te", x.astype(jnp.float32), weight.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + correction_bias.astype(jnp.float32)
+    if config.n_group > 1:
+        grouped = choice.reshape(choice.shape[0], config.n_group, -1)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)                      # (t, n_group)
+        _, top_groups = jax.lax.top_k(group_score, config.topk_group)
+        keep = jnp.zeros_like(group_score, dtype=bool).at[
+            jnp.arange(choice.shape[0])[:, None], top_groups].set(True)
+        choice = jnp.where(jnp.repeat(keep, grouped.shape[-1], axis=1), choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, config.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * config.routed_scaling_factor, idx
+
+
+def experts_dense(x, up, down, weights, idx):
+    """Reference dispatch: all experts on all tokens. x (t,d), up (e,d,f), down (e,f,d)."""
+    h = relu_squared(jnp.einsum("td,edf->tef", x, up, preferred_element_type=jnp.float32))
+    out = jnp.einsum("tef,efd->ted", h.astype(x.dtype), down, preferred_element_type=jnp.float32)
+    combine = jnp.zeros((x.shape[0], up.shape[0]), jnp.float32).at[
+        jnp.arange(x.shape[0])[:, None], idx].add(weights)
+    return jnp.einsum("te,ted->td", combine, out)
+
+
+def experts_ragged(x, up, down, weights, idx):
+    """Sorted dispatch: each token copy goes to its expert's contiguous group; one ragged matmul per proj."""
+    t, k = idx.shape
+    flat_expert = idx.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)
+    token_of = order // k
+    group_sizes = jnp.bincount(flat_expert, length=up.shape[0]).astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[token_of], up, group_sizes, preferred_element_type=jnp.float32)
+    out = jax.lax.ragged_dot(relu_squared(h).astype(x.dtype), down, group_sizes,
+                             preferred_element_type=jnp.float32)
+    out = out * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((t, x.shape[1]), jnp.float32).at[token_of].add(out)
+
+
+class MoE(nn.Module):
+    config: NemotronHConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    impl: MoEImpl = "ragged"
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+        cfg = self.config
+        d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        init = nn.initializers.lecun_normal()
+        gate_weight = self.param("gate_weight", init, (e, d), self.param_dtype)
+        correction_bias = self.param("e_score_correction_bias", nn.initializers.zeros, (e,), jnp.float32)
+        up = self.param("experts_up", init, (e, d, f), self.param_dtype).astype(self.dtype)
+        down = self.param("experts_down", init, (e, f, d), self.param_dtype).astype(self.dtype)
+
+        tokens = x.reshape(-1, d)
+        weights, idx = route(tokens, gate_weight, correction_bias, cfg)
+        dispatch = {"ragged": experts_ragged, "dense": experts_dense}.get(self.impl)
+        if dispatch is None:
+            raise ValueError(f"unknown MoE impl {self.impl!r}; expected 'ragged' or 'dense'")
+        routed = dispatch(tokens.astype(self.dtype), up, down, weights, idx).astype(x.dtype).reshape(x.shape)
+        shared = ReluSquaredMLP(d, cfg.moe_shared_expert_intermediate_size, self.dtype, self.param_dtype,
+                                name="shared_experts")(x)
+        return routed + shared

@@ -1,0 +1,137 @@
+"""The Mamba-2 selective state-space scan (SSD), in two pure-JAX forms that share one interface.
+
+For each head h (group g = h // (H/G)) and time t:
+
+    state_t = exp(dt_t · A_h) · state_{t-1} + dt_t · (x_t ⊗ B_t)        state: (P, N)
+    y_t     = state_t · C_t                                              y:     (P,)
+
+The D skip connection is not part of the scan (the mixer adds it). Everything here is float32:
+bf16 states overflow over long contexts (SPEC §2, §8).
+
+`ssd_sequential` is the reference: a `lax.scan` over time that is obviously the recurrence.
+`ssd_chunked` is the chunked SSD algorithm (quadratic inside a chunk, recurrent across chunks); it is
+exact for any length (the tail is padded with dt = 0, which leaves the state untouched) and any initial
+state (carried into every chunk with its decay).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+ScanImpl = Literal["chunked", "sequential"]
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _heads_from_groups(bc: Float[Array, "b l g n"], num_heads: int) -> Float[Array, "b l h n"]:
+    """Head h reads group h // (H/G)."""
+    return jnp.repeat(bc, num_heads // bc.shape[2], axis=2)
+
+
+def _check_shapes(x, dt, A, B, C, initial_state):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    if dt.shape != (b, l, h) or A.shape != (h,) or B.shape[:2] != (b, l) or C.shape != B.shape:
+        raise ValueError(f"ssd: inconsistent shapes x{x.shape} dt{dt.shape} A{A.shape} B{B.shape} C{C.shape}")
+    if h % B.shape[2]:
+        raise ValueError(f"ssd: {h} heads not divisible by {B.shape[2]} groups")
+    if initial_state.shape != (b, h, p, n):
+        raise ValueError(f"ssd: initial_state shape {initial_state.shape}, expected {(b, h, p, n)}")
+
+
+def ssd_sequential(
+    x: Float[Array, "b l h p"],
+    dt: Float[Array, "b l h"],
+    A: Float[Array, "h"],
+    B: Float[Array, "b l g n"],
+    C: Float[Array, "b l g n"],
+    initial_state: Float[Array, "b h p n"],
+) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
+    """Reference scan: one step per token. Returns (y, final_state)."""
+    _check_shapes(x, dt, A, B, C, initial_state)
+    f32 = jnp.float32
+    x, dt, A = x.astype(f32), dt.astype(f32), A.astype(f32)
+    Bh = _heads_from_groups(B.astype(f32), x.shape[2])
+    Ch = _heads_from_groups(C.astype(f32), x.shape[2])
+
+    def step(state, inputs):
+        x_t, dt_t, B_t, C_t = inputs  # (b,h,p) (b,h) (b,h,n) (b,h,n)
+        decay = jnp.exp(dt_t * A)[:, :, None, None]
+        state = decay * state + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
+        y_t = jnp.einsum("bhpn,bhn->bhp", state, C_t, precision=_HIGHEST)
+        return state, y_t
+
+    time_major = [jnp.moveaxis(a, 1, 0) for a in (x, dt, Bh, Ch)]
+    final_state, ys = jax.lax.scan(step, initial_state.astype(f32), time_major)
+    return jnp.moveaxis(ys, 0, 1), final_state
+
+
+def ssd_chunked(
+    x: Float[Array, "b l h p"],
+    dt: Float[Array, "b l h"],
+    A: Float[Array, "h"],
+    B: Float[Array, "b l g n"],
+    C: Float[Array, "b l g n"],
+    initial_state: Float[Array, "b h p n"],
+    chunk_size: int = 128,
+) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
+    """Chunked SSD. Same contract as `ssd_sequential`; any `chunk_size` gives the same math."""
+    _check_shapes(x, dt, A, B, C, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    f32 = jnp.float32
+    b, length, h, p = x.shape
+    q = min(chunk_size, length)
+    pad = (-length) % q
+    if pad:
+        # dt = 0 at padded steps: decay exp(0) = 1 and no input, so the final state is unchanged.
+        def pad_time(a):
+            return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        x, dt, B, C = map(pad_time, (x, dt, B, C))
+    nc = (length + pad) // q
+
+    def chunks(a):
+        return a.astype(f32).reshape(b, nc, q, *a.shape[2:])
+
+    x, dt = chunks(x), chunks(dt)                                    # (b,c,q,h,p) (b,c,q,h)
+    Bh = chunks(_heads_from_groups(B, h))                            # (b,c,q,h,n)
+    Ch = chunks(_heads_from_groups(C, h))
+    log_decay = jnp.cumsum(dt * A.astype(f32), axis=2)               # (b,c,q,h), ≤ 0 and decreasing
+
+    # 1. Inside each chunk: y_i = Σ_{j≤i} (C_i·B_j) exp(cum_i − cum_j) dt_j x_j.
+    seg = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (b,c,i,j,h)
+    causal = jnp.tril(jnp.ones((q, q), dtype=bool))[None, None, :, :, None]
+    decay_ij = jnp.exp(jnp.where(causal, seg, -jnp.inf))
+    cb = jnp.einsum("bcihn,bcjhn->bcijh", Ch, Bh, precision=_HIGHEST)
+    y_diag = jnp.einsum("bcijh,bcjh,bcjhp->bcihp", cb * decay_ij, dt, x, precision=_HIGHEST)
+
+    # 2. The state each chunk adds by its end, from a zero start.
+    decay_to_end = jnp.exp(log_decay[:, :, -1:, :] - log_decay)      # (b,c,q,h)
+    chunk_states = jnp.einsum("bcjhn,bcjh,bcjhp->bchpn", Bh, decay_to_end * dt, x, precision=_HIGHEST)
+    chunk_decay = jnp.exp(log_decay[:, :, -1, :])                    # (b,c,h)
+
+    # 3. Across chunks: the state entering chunk c, starting from the initial state.
+    def carry_state(state, inputs):
+        decay, added = inputs
+        return decay[:, :, None, None] * state + added, state
+
+    final_state, states_in = jax.lax.scan(
+        carry_state, initial_state.astype(f32), (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    states_in = jnp.moveaxis(states_in, 0, 1)                        # (b,c,h,p,n)
+
+    # 4. What the entering state contributes inside each chunk, decayed to each position.
+    y_off = jnp.einsum("bcihn,bchpn,bcih->bcihp", Ch, states_in, jnp.exp(log_decay), precision=_HIGHEST)
+
+    y = (y_diag + y_off).reshape(b, nc * q, h, p)[:, :length]
+    return y, final_state
+
+
+def ssd_scan(x, dt, A, B, C, initial_state, *, impl: ScanImpl = "chunked", chunk_size: int = 128):
+    """Dispatches to one scan implementation (resolved at trace time)."""
+    if impl == "chunked":
+        return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
+    if impl == "sequential":
+        return ssd_sequential(x, dt, A, B, C, initial_state)
+    raise ValueError(f"unknown scan impl {impl!r}; expected 'chunked' or 'sequential'")

@@ -1,0 +1,155 @@
+"""One Nemotron-H tower: embeddings → layers by pattern → norm_f → LM head (SPEC §2).
+
+Every entry point is the same computation, "extend the cache by a chunk of tokens":
+
+* `prefill(params, tokens, valid, capacity)`  – from an empty cache (full causal forward),
+* `extend(params, tokens, cache, valid)`      – a chunk of new tokens (the diffusion commit pass),
+* `decode_step(params, token, cache)`         – one token per row.
+
+Params are a plain nested dict (`NemotronHTower.init` / the checkpoint loader fill it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from twotower_jax.cache import LayerCache, TowerCache, init_cache
+from twotower_jax.config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
+from twotower_jax.layers.attention import Attention
+from twotower_jax.layers.mamba2 import Mamba2Mixer
+from twotower_jax.layers.moe import MoE, MoEImpl, ReluSquaredMLP
+from twotower_jax.layers.norms import RMSNorm
+from twotower_jax.ops.ssd import ScanImpl
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """Implementation choices that do not change the math (resolved at trace time)."""
+    scan: ScanImpl = "chunked"
+    moe: MoEImpl = "ragged"
+
+
+class Block(nn.Module):
+    """h + mixer(RMSNorm(h)); the mixer is chosen by the layer letter."""
+    config: NemotronHConfig
+    layer_type: str
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    impl: Impl = Impl()
+
+    @nn.compact
+    def __call__(self, h, cache: LayerCache, valid, start, key_valid):
+        cfg = self.config
+        x = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm")(h)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="mixer")
+        if self.layer_type == MAMBA:
+            out, cache = Mamba2Mixer(cfg, scan_impl=self.impl.scan, **kw)(x, cache, valid)
+        elif self.layer_type == ATTENTION:
+            out, cache = Attention(cfg, **kw)(x, cache, start, key_valid)
+        elif self.layer_type == MOE:
+            out = MoE(cfg, impl=self.impl.moe, **kw)(x)
+        elif self.layer_type == MLP:
+            out = ReluSquaredMLP(cfg.hidden_size, cfg.intermediate_size, **kw)(x)
+        else:
+            raise ValueError(f"unknown layer type {self.layer_type!r}")
+        return h + out.astype(h.dtype), cache
+
+
+class NemotronHTower(nn.Module):
+    """Linen module of one tower. `__call__(tokens, cache, valid)` → (float32 logits, new cache)."""
+    config: NemotronHConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    impl: Impl = Impl()
+
+    def setup(self):
+        cfg = self.config
+        self.embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name="embeddings")
+        self.layers = [Block(cfg, t, self.dtype, self.param_dtype, self.impl, name=f"layers_{i}")
+                       for i, t in enumerate(cfg.pattern)]
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm_f")
+        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="lm_head")
+
+    def __call__(self, tokens: Int[Array, "b l"], cache: TowerCache, valid: Optional[Bool[Array, "b l"]] = None):
+        hidden, cache = self.hidden_states(tokens, cache, valid)
+        return self.lm_head(hidden).astype(jnp.float32), cache
+
+    def hidden_states(self, tokens, cache: TowerCache, valid=None):
+        """Final-normed hidden states (b, l, d) and the extended cache."""
+        if valid is None:
+            valid = jnp.ones(tokens.shape, bool)
+        start = cache.length
+        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, valid, (0, start))
+        h = self.embeddings(tokens)
+        new_layers = []
+        for block, layer_cache in zip(self.layers, cache.layers):
+            h, layer_cache = block(h, layer_cache, valid, start, key_valid)
+            new_layers.append(layer_cache)
+        new_cache = TowerCache(layers=tuple(new_layers), key_valid=key_valid, length=start + tokens.shape[1])
+        return self.norm_f(h), new_cache
+
+
+def _check_tokens(tokens, cache: TowerCache, valid):
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
+    if tokens.shape[0] != cache.batch_size:
+        raise ValueError(f"tokens batch {tokens.shape[0]} != cache batch {cache.batch_size}")
+    if valid is not None and valid.shape != tokens.shape:
+        raise ValueError(f"valid mask shape {valid.shape} != tokens shape {tokens.shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NemotronH:
+    """A tower bound to its config and dtypes, with the three cached entry points (all pure functions)."""
+    config: NemotronHConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    impl: Impl = Impl()
+
+    @property
+    def module(self) -> NemotronHTower:
+        return NemotronHTower(self.config, self.dtype, self.param_dtype, self.impl)
+
+    def init_params(self, rng: jax.Array) -> Params:
+        cache = self.init_cache(1, 1)
+        return self.module.init(rng, jnp.zeros((1, 1), jnp.int32), cache)["params"]
+
+    def param_shapes(self) -> Params:
+        """Shapes/dtypes of every parameter, without allocating any (jax.eval_shape)."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+    def init_cache(self, batch_size: int, capacity: int) -> TowerCache:
+        return init_cache(self.config, batch_size, capacity, self.dtype)
+
+    def extend(self, params: Params, tokens: Int[Array, "b l"], cache: TowerCache,
+               valid: Optional[Bool[Array, "b l"]] = None) -> tuple[Float[Array, "b l v"], TowerCache]:
+        """Runs a chunk of new tokens after what the cache holds. Returns (logits, cache)."""
+        _check_tokens(tokens, cache, valid)
+        return self.module.apply({"params": params}, tokens, cache, valid)
+
+    def prefill(self, params: Params, tokens: Int[Array, "b l"], valid: Optional[Bool[Array, "b l"]] = None,
+                capacity: Optional[int] = None) -> tuple[Float[Array, "b l v"], TowerCache]:
+        """Full causal forward from an empty cache of `capacity` slots (default: the prompt length)."""
+        capacity = tokens.shape[1] if capacity is None else capacity
+        if capacity < tokens.shape[1]:
+            raise ValueError(f"cache capacity {capacity} < prompt length {tokens.shape[1]}")
+        return self.extend(params, tokens, self.init_cache(tokens.shape[0], capacity), valid)
+
+    def decode_step(self, params: Params, token: Int[Array, "b"], cache: TowerCache
+                    ) -> tuple[Float[Array, "b v"], TowerCache]:
+        """One new token per row. Returns (logits (b, v), cache)."""
+        logits, cache = self.extend(params, token[:, None], cache)
+        return logits[:, 0], cache
+
+
+def count_params(tree) -> int:
+    return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(tree))
