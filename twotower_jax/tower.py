@@ -11,6 +11,8 @@ Params are a plain nested dict (`NemotronHTower.init` / the checkpoint loader fi
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -130,12 +132,14 @@ class NemotronH:
     def init_cache(self, batch_size: int, capacity: int) -> TowerCache:
         return init_cache(self.config, batch_size, capacity, self.dtype)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def extend(self, params: Params, tokens: Int[Array, "b l"], cache: TowerCache,
                valid: Optional[Bool[Array, "b l"]] = None) -> tuple[Float[Array, "b l v"], TowerCache]:
         """Runs a chunk of new tokens after what the cache holds. Returns (logits, cache)."""
         _check_tokens(tokens, cache, valid)
         return self.module.apply({"params": params}, tokens, cache, valid)
 
+    @functools.partial(jax.jit, static_argnums=0, static_argnames="capacity")
     def prefill(self, params: Params, tokens: Int[Array, "b l"], valid: Optional[Bool[Array, "b l"]] = None,
                 capacity: Optional[int] = None) -> tuple[Float[Array, "b l v"], TowerCache]:
         """Full causal forward from an empty cache of `capacity` slots (default: the prompt length)."""
@@ -144,6 +148,7 @@ class NemotronH:
             raise ValueError(f"cache capacity {capacity} < prompt length {tokens.shape[1]}")
         return self.extend(params, tokens, self.init_cache(tokens.shape[0], capacity), valid)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def decode_step(self, params: Params, token: Int[Array, "b"], cache: TowerCache
                     ) -> tuple[Float[Array, "b v"], TowerCache]:
         """One new token per row. Returns (logits (b, v), cache)."""
@@ -152,4 +157,5 @@ class NemotronH:
 
 
 def count_params(tree) -> int:
-    return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(tree))
+    """Number of scalars in a param tree of arrays or `jax.ShapeDtypeStruct`s."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))

@@ -1,0 +1,37 @@
+import os
+import sys
+
+# Two CPU devices for mesh tests; must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+from twotower_jax.config import tiny  # noqa: E402
+
+# Tiny configs that together cover every layer type, n_groups > 1, GQA and MQA, several chunk sizes.
+PARITY_CONFIGS = {
+    "all_types": tiny(pattern="ME*-M*E"),
+    "mqa_groups4": tiny(pattern="M*MEM", n_groups=4, num_key_value_heads=1, chunk_size=4,
+                        num_experts_per_tok=2, routed_scaling_factor=1.0),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_tower(tmp_path_factory):
+    """Factory: config name -> (transformers model, checkpoint dir, our config, our params), cached."""
+    from hf_oracle import make_hf_model
+    from twotower_jax.checkpoint.hf import load_hf_tower
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            model = make_hf_model(PARITY_CONFIGS[name], seed=len(built) + 1)
+            directory = tmp_path_factory.mktemp(f"hf_{name}")
+            model.save_pretrained(directory)
+            config, params = load_hf_tower(directory)
+            built[name] = (model, directory, config, params)
+        return built[name]
+
+    return get

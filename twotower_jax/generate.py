@@ -1,0 +1,110 @@
+"""Command line generation.
+
+    python -m twotower_jax.generate --checkpoint DIR --mode ar --prompt-ids 5,6,7 --max-new-tokens 16 --json
+
+`--prompt-ids` may repeat (one batch row each, left-padded); `--prompt TEXT` (also repeatable) needs a
+`tokenizer.json` in the checkpoint directory and the `tokenizers` package. Prints one JSON object with
+`tokens` (generated ids per row, cut after EOS), `logprobs` and `stats` when `--json` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+
+from twotower_jax.checkpoint.hf import CheckpointError, load_hf_tower
+from twotower_jax.sampling.ar import generate_ar
+from twotower_jax.tower import NemotronH
+
+MODES = ("ar",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m twotower_jax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="HF Nemotron-H directory (config.json + safetensors)")
+    p.add_argument("--mode", choices=MODES, default="ar")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="comma-separated token ids; repeat for a batch")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="text prompt (needs tokenizer.json in the checkpoint); repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eos-token-id", type=int, default=None,
+                   help="stop a row at this id (default: the checkpoint's eos_token_id; -1: never stop)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+    if not ids:
+        raise ValueError(f"--prompt-ids {text!r} is empty")
+    return ids
+
+
+def _load_tokenizer(directory: Path):
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"--prompt needs {path}; give --prompt-ids instead")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ValueError("--prompt needs the `tokenizers` package (pip install tokenizers)") from None
+    return Tokenizer.from_file(str(path))
+
+
+def run(args: argparse.Namespace) -> dict:
+    directory = Path(args.checkpoint)
+    if not directory.is_dir():
+        raise ValueError(f"--checkpoint {directory}: no such directory")
+    if bool(args.prompt_ids) == bool(args.prompt):
+        raise ValueError("give prompts either as --prompt-ids or as --prompt, not both and not neither")
+    tokenizer = _load_tokenizer(directory) if args.prompt else None
+    prompts = ([_parse_ids(t) for t in args.prompt_ids] if args.prompt_ids
+               else [tokenizer.encode(t).ids for t in args.prompt])
+
+    dtype = DTYPES[args.dtype]
+    config, params = load_hf_tower(directory, dtype=dtype)
+    model = NemotronH(config, dtype=dtype, param_dtype=dtype)
+    eos = config.eos_token_id if args.eos_token_id is None else args.eos_token_id
+    eos = None if eos == -1 else eos
+    result = generate_ar(model, params, prompts, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
+    out = {"mode": args.mode, **result.to_json_dict()}
+    if tokenizer is not None:
+        out["text"] = [tokenizer.decode(row) for row in result.tokens]
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        out = run(args)
+    except (ValueError, CheckpointError) as e:
+        parser.exit(2, f"error: {e}\n")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for i, row in enumerate(out["tokens"]):
+            print(f"row {i}: {out['text'][i] if 'text' in out else row}")
+        s = out["stats"]
+        print(f"{s['generated_tokens']} tokens, {s['forward_passes']} forward passes, {s['seconds']:.3f} s "
+              f"(+ {s['compile_seconds']:.1f} s compile)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

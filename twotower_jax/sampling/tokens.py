@@ -1,0 +1,55 @@
+"""Picking tokens from logits (greedy, temperature, top-k, top-p) and scoring them under the model."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1 mean no filtering."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def select_tokens(logits: Float[Array, "b v"], key: jax.Array, sampling: SamplingParams) -> Int[Array, "b"]:
+    """Greedy argmax, or a sample from softmax(logits / T) restricted to the top-k / top-p set."""
+    logits = logits.astype(jnp.float32)
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / sampling.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sampling.top_k > 0:
+        k = min(sampling.top_k, logits.shape[-1])
+        kth = jax.lax.top_k(scaled, k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, neg, scaled)
+    if sampling.top_p < 1:
+        sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < cutoff, neg, scaled)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def token_logprobs(logits: Float[Array, "b v"], tokens: Int[Array, "b"]) -> Float[Array, "b"]:
+    """log p(token) under the model's own distribution (unscaled, unfiltered softmax)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
