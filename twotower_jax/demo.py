@@ -9,9 +9,6 @@ from __future__ import annotations
 import sys
 import tempfile
 
-import jax
-import numpy as np
-
 from twotower_jax import generate
 from twotower_jax.checkpoint.hf import save_hf_tower
 from twotower_jax.config import tiny
@@ -20,7 +17,7 @@ from twotower_jax.tower import NemotronH
 
 def main() -> int:
     config = tiny(pattern="MEM*EM-E", vocab_size=256, hidden_size=64)
-    params = jax.tree.map(np.asarray, NemotronH(config).init_params(jax.random.key(0)))
+    params = NemotronH(config).random_params(seed=0)
     print("=" * 72)
     print("twotower-jax demo: a tiny Nemotron-H tower (pattern MEM*EM-E: Mamba-2, MoE, attention, MLP)")
     print("with RANDOM weights: the generated ids show the machinery working, not language.")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from twotower_jax.cache import LayerCache, TowerCache, init_cache
@@ -122,8 +123,17 @@ class NemotronH:
         return NemotronHTower(self.config, self.dtype, self.param_dtype, self.impl)
 
     def init_params(self, rng: jax.Array) -> Params:
-        cache = self.init_cache(1, 1)
-        return self.module.init(rng, jnp.zeros((1, 1), jnp.int32), cache)["params"]
+        """Linen initialisation (norms 1, A_log 0, lecun-normal projections), jitted."""
+        def init(rng):
+            return self.module.init(rng, jnp.zeros((1, 1), jnp.int32), self.init_cache(1, 1))["params"]
+        return jax.jit(init)(rng)
+
+    def random_params(self, seed: int = 0, scale: float = 0.5) -> Params:
+        """Every parameter drawn N(0, scale²) on the host from the abstract shapes (no forward pass is
+        compiled): O(1)-scale weights for demos and tests, where a dropped tensor must show."""
+        leaves, treedef = jax.tree.flatten(self.param_shapes())
+        rng = np.random.default_rng(seed)
+        return jax.tree.unflatten(treedef, [(rng.standard_normal(s.shape) * scale).astype(s.dtype) for s in leaves])
 
     def param_shapes(self) -> Params:
         """Shapes/dtypes of every parameter, without allocating any (jax.eval_shape)."""

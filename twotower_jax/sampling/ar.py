@@ -76,10 +76,9 @@ def generate_ar(
     sampling = SamplingParams(temperature, top_k, top_p)
     check_eos(eos_token_id, model.config.vocab_size)
     tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size)
-    loop = functools.partial(ar_loop, model=model, max_new_tokens=max_new_tokens, sampling=sampling,
-                             eos_token_id=eos_token_id)
     (out, out_logp, lengths, decode_steps), compile_s, run_s = compile_and_run(
-        jax.jit(loop), params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed))
+        ar_loop, params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(seed),
+        model=model, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id)
     lengths = np.asarray(lengths)
     toks, logps = cut_rows(np.asarray(out), np.asarray(out_logp), lengths)
     stats = {

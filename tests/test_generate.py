@@ -1,0 +1,139 @@
+"""Sampling rules, EOS handling and the command line."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from twotower_jax import generate
+from twotower_jax.checkpoint.hf import save_hf_tower
+from twotower_jax.config import tiny
+from twotower_jax.sampling.ar import generate_ar
+from twotower_jax.sampling.tokens import SamplingParams, select_tokens
+from twotower_jax.tower import NemotronH
+
+CONFIG = tiny(pattern="M*E")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    params = NemotronH(CONFIG).random_params(seed=0, scale=0.7)
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_hf_tower(directory, CONFIG, params)
+    return directory, params
+
+
+def run_cli(capsys, *argv):
+    assert generate.main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_select_tokens_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 64))
+    greedy = select_tokens(logits, jax.random.key(0), SamplingParams())
+    assert set(np.asarray(greedy).tolist()) == {0}
+    top1 = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=5.0, top_k=1))
+    assert set(np.asarray(top1).tolist()) == {0}
+    top2 = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=5.0, top_k=2))
+    assert set(np.asarray(top2).tolist()) == {0, 1}
+    nucleus = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=1.0, top_p=0.75))
+    assert set(np.asarray(nucleus).tolist()) == {0, 1}  # 0.5 < 0.75 ≤ 0.8: the first two tokens
+    free = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=1.0))
+    assert len(set(np.asarray(free).tolist())) >= 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=-2), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(eos_token_id=500), "eos_token_id 500 is outside the vocabulary"),
+])
+def test_generate_ar_rejects_bad_arguments(checkpoint, kwargs, message):
+    params = checkpoint[1]
+    with pytest.raises(ValueError, match=message):
+        generate_ar(NemotronH(CONFIG), params, [[5, 6]], 4, **kwargs)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_ar(NemotronH(CONFIG), params, [[5], []], 4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate_ar(NemotronH(CONFIG), params, [[5, 96]], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        generate_ar(NemotronH(CONFIG), params, [[5]], 0)
+
+
+def test_eos_stops_each_row_and_cuts(checkpoint):
+    params = checkpoint[1]
+    model = NemotronH(CONFIG)
+    prompts = [[5, 6, 7], [40, 41]]
+    free = generate_ar(model, params, prompts, 10)
+    eos = free.tokens[0][3]  # stop row 0 at its 4th token
+    stopped = generate_ar(model, params, prompts, 10, eos_token_id=eos)
+    cut = free.tokens[0].index(eos) + 1
+    assert stopped.tokens[0] == free.tokens[0][:cut]
+    assert stopped.logprobs[0] == pytest.approx(free.logprobs[0][:cut], abs=1e-5)
+    row1_cut = free.tokens[1].index(eos) + 1 if eos in free.tokens[1] else 10
+    assert stopped.tokens[1] == free.tokens[1][:row1_cut]
+    assert stopped.stats["forward_passes"] == max(cut, row1_cut)
+
+
+def test_seeded_sampling_is_reproducible(checkpoint):
+    params = checkpoint[1]
+    model = NemotronH(CONFIG)
+    run = lambda seed: generate_ar(model, params, [[5, 6, 7]], 16, temperature=1.0, seed=seed).tokens
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_cli_json(checkpoint, capsys):
+    directory, params = checkpoint
+    out = run_cli(capsys, "--checkpoint", str(directory), "--mode", "ar", "--prompt-ids", "5,6,7",
+                  "--prompt-ids", "9", "--max-new-tokens", "6", "--eos-token-id", "-1", "--json")
+    expected = generate_ar(NemotronH(CONFIG), params, [[5, 6, 7], [9]], 6)
+    assert out["tokens"] == expected.tokens
+    for row, expected_row in zip(out["logprobs"], expected.logprobs):
+        np.testing.assert_allclose(row, expected_row, atol=1e-6)
+    assert out["stats"]["forward_passes"] == 6 and out["stats"]["seconds"] > 0
+
+
+def test_cli_text_prompt_with_tokenizer(checkpoint, capsys, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    directory = tmp_path / "with_tokenizer"
+    directory.mkdir()
+    for f in checkpoint[0].iterdir():
+        (directory / f.name).write_bytes(f.read_bytes())
+    vocab = {f"w{i}": i for i in range(CONFIG.vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    out = run_cli(capsys, "--checkpoint", str(directory), "--prompt", "w5 w6 w7", "--max-new-tokens", "4",
+                  "--eos-token-id", "-1", "--json")
+    ids = run_cli(capsys, "--checkpoint", str(directory), "--prompt-ids", "5,6,7", "--max-new-tokens", "4",
+                  "--eos-token-id", "-1", "--json")
+    assert out["tokens"] == ids["tokens"]
+    assert out["text"][0] == " ".join(f"w{t}" for t in ids["tokens"][0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-ids", "5,x"], "expected comma-separated integers"),
+    (["--prompt-ids", "5", "--prompt", "hi"], "not both"),
+    (["--prompt", "hi"], "tokenizer.json"),
+    (["--prompt-ids", "5", "--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_cli_errors(checkpoint, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--checkpoint", str(checkpoint[0])] + argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_checkpoint(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(tmp_path / "nope"), "--prompt-ids", "5"])
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_demo_runs(capsys):
+    from twotower_jax import demo
+    assert demo.main() == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "row 0:" in out and "forward passes" in out
