@@ -82,3 +82,14 @@ def test_entry_points_reject_bad_shapes(hf_tower):
         model.extend(params, jnp.zeros((2, 1), jnp.int32), model.init_cache(1, 4))
     with pytest.raises(ValueError, match="capacity 3 < prompt length 5"):
         model.prefill(params, jnp.zeros((1, 5), jnp.int32), capacity=3)
+
+
+def test_cache_overflow_gives_nan_not_a_silent_answer(hf_tower):
+    _, _, config, params = hf_tower("all_types")
+    model = NemotronH(config)
+    logits, cache = model.prefill(params, jnp.asarray([[5, 6, 7]]), capacity=4)
+    assert np.isfinite(np.asarray(logits)).all()
+    logits, cache = model.decode_step(params, jnp.asarray([8]), cache)   # fills slot 4 of 4
+    assert np.isfinite(np.asarray(logits)).all()
+    logits, _ = model.decode_step(params, jnp.asarray([9]), cache)       # no slot left
+    assert np.isnan(np.asarray(logits)).all()

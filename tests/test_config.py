@@ -107,3 +107,18 @@ def test_derived_sizes_of_real_config():
     assert (c.num_layers, c.mamba_intermediate_size, c.conv_dim, c.mamba_in_proj_size) == (52, 4096, 6144, 10304)
     assert (len(c.layer_indices("M")), len(c.layer_indices("E")), len(c.layer_indices("*"))) == (23, 23, 6)
     assert math.isclose(c.routed_scaling_factor, 2.5) and c.dt_floor is None
+
+
+def test_absent_fields_take_transformers_defaults():
+    """A config.json means the same model here as in transformers, including the fields it leaves out."""
+    import transformers
+    minimal = {"vocab_size": 64, "hidden_size": 32, "hybrid_override_pattern": "M*E-", "mamba_n_groups": 4,
+               "eos_token_id": [2, 11]}
+    ours = NemotronHConfig.from_hf_dict(minimal)
+    theirs = transformers.NemotronHConfig(**minimal)
+    for field in ("num_attention_heads", "num_key_value_heads", "head_dim", "mamba_num_heads", "mamba_head_dim",
+                  "ssm_state_size", "n_groups", "conv_kernel", "chunk_size", "n_routed_experts",
+                  "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+                  "routed_scaling_factor", "intermediate_size", "layer_norm_epsilon", "n_group", "topk_group"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.n_groups == 4 and ours.eos_token_id == 2

@@ -26,13 +26,29 @@ _HF_BLOCK_TYPE_TO_LETTER = {
 _LETTER_TO_HF_BLOCK_TYPE = {MAMBA: "linear_attention", MOE: "moe", ATTENTION: "full_attention", MLP: "mlp"}
 
 
+# What transformers assumes for a field absent from config.json (its NemotronHConfig defaults), so that
+# a config.json describes the same model here as there. vocab_size and hidden_size are required.
+_HF_DEFAULTS = dict(
+    layer_norm_epsilon=1e-5, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    mamba_num_heads=128, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4, chunk_size=128,
+    use_conv_bias=True, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=7688,
+    moe_shared_expert_intermediate_size=7688, routed_scaling_factor=1.0, norm_topk_prob=True, n_group=1,
+    topk_group=1, intermediate_size=21504, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+# Older config.json spellings of the same fields.
+_HF_ALIASES = {"n_groups": "mamba_n_groups", "conv_kernel": "mamba_d_conv", "chunk_size": "mamba_chunk_size"}
+
+
 class ConfigError(ValueError):
     """A config that does not describe a model this package can build."""
 
 
 @dataclasses.dataclass(frozen=True)
 class NemotronHConfig:
-    """Architecture of one Nemotron-H tower (SPEC §2). Field names follow HF's `config.json`."""
+    """Architecture of one Nemotron-H tower (SPEC §2). Field names follow HF's `config.json`.
+
+    Defaults are Nemotron-3-Nano-30B-A3B's values (see `nano_30b_a3b`), not transformers' defaults.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -159,42 +175,11 @@ class NemotronHConfig:
             raise ConfigError("moe_latent_size is not supported (Nemotron-3-Nano has no MoE latent projection)")
         if d.get("n_shared_experts", 1) != 1:
             raise ConfigError(f"n_shared_experts={d['n_shared_experts']} is not supported (only 1)")
-        eos = d.get("eos_token_id", 2)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
-
-        def opt(key, default):
-            value = d.get(key)
-            return default if value is None else value
-
-        fields = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            pattern=pattern,
-            layer_norm_epsilon=opt("layer_norm_epsilon", 1e-5),
-            num_attention_heads=opt("num_attention_heads", 32),
-            num_key_value_heads=opt("num_key_value_heads", opt("num_attention_heads", 32)),
-            head_dim=opt("head_dim", d["hidden_size"] // opt("num_attention_heads", 32)),
-            mamba_num_heads=opt("mamba_num_heads", 64),
-            mamba_head_dim=opt("mamba_head_dim", 64),
-            ssm_state_size=opt("ssm_state_size", 128),
-            n_groups=opt("n_groups", opt("mamba_n_groups", 8)),
-            conv_kernel=opt("conv_kernel", opt("mamba_d_conv", 4)),
-            chunk_size=opt("chunk_size", opt("mamba_chunk_size", 128)),
-            use_conv_bias=opt("use_conv_bias", True),
-            n_routed_experts=opt("n_routed_experts", 128),
-            num_experts_per_tok=opt("num_experts_per_tok", 6),
-            moe_intermediate_size=opt("moe_intermediate_size", 1856),
-            moe_shared_expert_intermediate_size=opt("moe_shared_expert_intermediate_size", 3712),
-            routed_scaling_factor=float(opt("routed_scaling_factor", 1.0)),
-            norm_topk_prob=opt("norm_topk_prob", True),
-            n_group=opt("n_group", 1),
-            topk_group=opt("topk_group", 1),
-            intermediate_size=opt("intermediate_size", 1856),
-            bos_token_id=opt("bos_token_id", 1),
-            eos_token_id=eos if eos is not None else 2,
-            pad_token_id=opt("pad_token_id", 0),
-        )
+        fields = {name: _hf_field(d, name, default) for name, default in _HF_DEFAULTS.items()}
+        if isinstance(fields["eos_token_id"], (list, tuple)):  # several EOS ids: the first stops generation
+            fields["eos_token_id"] = fields["eos_token_id"][0]
+        fields.update(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], pattern=pattern,
+                      routed_scaling_factor=float(fields["routed_scaling_factor"]))
         fields.update(overrides)
         return cls(**fields)
 
@@ -245,6 +230,13 @@ def encode_special_floats(obj):
     return obj
 
 
+def _hf_field(d: Mapping[str, Any], name: str, default):
+    for key in (name, _HF_ALIASES.get(name)):
+        if key is not None and d.get(key) is not None:
+            return d[key]
+    return default
+
+
 def _decode_special_floats(obj):
     if isinstance(obj, dict):
         if set(obj) == {"__float__"}:
@@ -278,15 +270,8 @@ NANO_30B_A3B_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
 
 
 def nano_30b_a3b() -> NemotronHConfig:
-    """Nemotron-3-Nano-30B-A3B, the backbone of both TwoTower towers (SPEC §2)."""
-    return NemotronHConfig(
-        vocab_size=131072, hidden_size=2688, pattern=NANO_30B_A3B_PATTERN, layer_norm_epsilon=1e-5,
-        num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-        mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4, chunk_size=128,
-        n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
-        moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5, norm_topk_prob=True,
-        n_group=1, topk_group=1, intermediate_size=1856,
-    )
+    """Nemotron-3-Nano-30B-A3B, the backbone of both TwoTower towers (SPEC §2): the field defaults."""
+    return NemotronHConfig(vocab_size=131072, hidden_size=2688, pattern=NANO_30B_A3B_PATTERN)
 
 
 def tiny(pattern: str = "ME*-M*E", **overrides) -> NemotronHConfig:

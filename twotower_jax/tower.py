@@ -83,8 +83,12 @@ class NemotronHTower(nn.Module):
                                 param_dtype=self.param_dtype, name="lm_head")
 
     def __call__(self, tokens: Int[Array, "b l"], cache: TowerCache, valid: Optional[Bool[Array, "b l"]] = None):
+        """Logits are NaN if the chunk overflows the cache: the fill level is traced, so under jit this
+        cannot raise, and a clamped KV write must not pass for a correct answer."""
+        overflow = cache.length + tokens.shape[1] > cache.capacity
         hidden, cache = self.hidden_states(tokens, cache, valid)
-        return self.lm_head(hidden).astype(jnp.float32), cache
+        logits = self.lm_head(hidden).astype(jnp.float32)
+        return jnp.where(overflow, jnp.nan, logits), cache
 
     def hidden_states(self, tokens, cache: TowerCache, valid=None):
         """Final-normed hidden states (b, l, d) and the extended cache."""
