@@ -10,7 +10,7 @@ from twotower_jax import generate
 from twotower_jax.checkpoint.hf import save_hf_tower
 from twotower_jax.config import tiny
 from twotower_jax.sampling.ar import generate_ar
-from twotower_jax.sampling.tokens import SamplingParams, select_tokens
+from twotower_jax.sampling.tokens import SamplingParams, row_keys, select_tokens
 from twotower_jax.tower import NemotronH
 
 CONFIG = tiny(pattern="M*E")
@@ -31,15 +31,16 @@ def run_cli(capsys, *argv):
 
 def test_select_tokens_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 64))
-    greedy = select_tokens(logits, jax.random.key(0), SamplingParams())
+    keys = row_keys(jnp.arange(64))
+    greedy = select_tokens(logits, keys, SamplingParams())
     assert set(np.asarray(greedy).tolist()) == {0}
-    top1 = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=5.0, top_k=1))
+    top1 = select_tokens(logits, keys, SamplingParams(temperature=5.0, top_k=1))
     assert set(np.asarray(top1).tolist()) == {0}
-    top2 = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=5.0, top_k=2))
+    top2 = select_tokens(logits, keys, SamplingParams(temperature=5.0, top_k=2))
     assert set(np.asarray(top2).tolist()) == {0, 1}
-    nucleus = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=1.0, top_p=0.75))
+    nucleus = select_tokens(logits, keys, SamplingParams(temperature=1.0, top_p=0.75))
     assert set(np.asarray(nucleus).tolist()) == {0, 1}  # 0.5 < 0.75 ≤ 0.8: the first two tokens
-    free = select_tokens(logits, jax.random.key(0), SamplingParams(temperature=1.0))
+    free = select_tokens(logits, keys, SamplingParams(temperature=1.0))
     assert len(set(np.asarray(free).tolist())) >= 3
 
 

@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from twotower_jax.cache import LayerCache, TowerCache, init_cache
 from twotower_jax.config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
+from twotower_jax.layers.adaln import TimestepEmbedder, modulate
 from twotower_jax.layers.attention import Attention
 from twotower_jax.layers.mamba2 import Mamba2Mixer
 from twotower_jax.layers.moe import MoE, MoEImpl, ReluSquaredMLP
@@ -40,47 +41,96 @@ class Impl:
 
 
 class Block(nn.Module):
-    """h + mixer(RMSNorm(h)); the mixer is chosen by the layer letter."""
+    """One layer: h + mixer(RMSNorm(h)), the mixer chosen by the layer letter.
+
+    With `adaln` (denoiser layers) the block owns a `scale_shift_table` (3, D); given a timestep
+    conditioning `t_cond` (b, 3D) it computes (shift, scale, gate) = table + t_cond and
+      Mamba / attention:  h + gate · mixer(RMSNorm(modulate(h)))
+      MoE / dense MLP:    h + gate · mixer(modulate(RMSNorm(h)))
+    (SPEC §3; the release has no dense-MLP layers, which follow the MoE order here.) Without `t_cond`
+    the block is plain, as in mock-AR.
+
+    `cross=True`: the layer cache belongs to the context tower and is only read (attention over
+    [context K/V ; own], Mamba seeded from the context state); the returned cache is then meaningless.
+    """
     config: NemotronHConfig
     layer_type: str
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     impl: Impl = Impl()
+    adaln: bool = False
 
     @nn.compact
-    def __call__(self, h, cache: LayerCache, valid, start, key_valid):
+    def __call__(self, h, cache: LayerCache, valid, start, key_valid, t_cond=None, cross: bool = False):
         cfg = self.config
-        x = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm")(h)
+        norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm")
+        gate = None
+        if self.adaln:
+            table = self.param("scale_shift_table", nn.initializers.zeros, (3, cfg.hidden_size), self.param_dtype)
+        if t_cond is not None:
+            if not self.adaln:
+                raise ValueError("timestep conditioning given to a layer without adaLN")
+            cond = table.astype(h.dtype)[None] + t_cond.astype(h.dtype).reshape(h.shape[0], 3, cfg.hidden_size)
+            shift, scale, gate = (cond[:, i, None, :] for i in range(3))   # each (b, 1, D)
+            if self.layer_type in (MAMBA, ATTENTION):
+                x = norm(modulate(h, shift, scale))
+            else:
+                x = modulate(norm(h), shift, scale)
+        else:
+            x = norm(h)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="mixer")
         if self.layer_type == MAMBA:
             out, cache = Mamba2Mixer(cfg, scan_impl=self.impl.scan, **kw)(x, cache, valid)
         elif self.layer_type == ATTENTION:
-            out, cache = Attention(cfg, **kw)(x, cache, start, key_valid)
+            out, cache = Attention(cfg, **kw)(x, cache, start, key_valid, cross=cross)
         elif self.layer_type == MOE:
             out = MoE(cfg, impl=self.impl.moe, **kw)(x)
         elif self.layer_type == MLP:
             out = ReluSquaredMLP(cfg.hidden_size, cfg.intermediate_size, **kw)(x)
         else:
             raise ValueError(f"unknown layer type {self.layer_type!r}")
-        return h + out.astype(h.dtype), cache
+        out = out.astype(h.dtype)
+        return h + (out if gate is None else gate * out), cache
 
 
 class NemotronHTower(nn.Module):
-    """Linen module of one tower. `__call__(tokens, cache, valid)` → (float32 logits, new cache)."""
+    """Linen module of one tower. `__call__(tokens, cache, valid)` → (float32 logits, new cache).
+
+    With `denoiser=True` it is TwoTower's denoiser tower: every layer gets adaLN, the module owns
+    `t_embedder` and `t_block_1`, and `denoise` runs a block against the context tower's cache.
+    """
     config: NemotronHConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     impl: Impl = Impl()
+    denoiser: bool = False
 
     def setup(self):
         cfg = self.config
         self.embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="embeddings")
-        self.layers = [Block(cfg, t, self.dtype, self.param_dtype, self.impl, name=f"layers_{i}")
-                       for i, t in enumerate(cfg.pattern)]
+        self.layers = [Block(cfg, t, self.dtype, self.param_dtype, self.impl, adaln=self.denoiser,
+                             name=f"layers_{i}") for i, t in enumerate(cfg.pattern)]
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm_f")
         self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="lm_head")
+        if self.denoiser:
+            self.t_embedder = TimestepEmbedder(cfg.hidden_size, self.dtype, self.param_dtype, name="t_embedder")
+            self.t_block_1 = nn.Dense(3 * cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                      name="t_block_1")
+
+    def denoise(self, tokens: Int[Array, "b s"], context: TowerCache, t: Optional[Float[Array, "b"]] = None
+                ) -> Float[Array, "b s v"]:
+        """Denoiser logits for a block, reading the context tower's cache layer by layer (SPEC §3).
+
+        `t` is the masked fraction per row; None runs plain blocks (mock-AR). Float32 logits.
+        """
+        h = self.embeddings(tokens)
+        t_cond = None if t is None else self.t_block_1(nn.silu(self.t_embedder(t)))
+        valid = jnp.ones(tokens.shape, bool)
+        for block, context_layer in zip(self.layers, context.layers):
+            h, _ = block(h, context_layer, valid, None, context.key_valid, t_cond=t_cond, cross=True)
+        return self.lm_head(self.norm_f(h)).astype(jnp.float32)
 
     def __call__(self, tokens: Int[Array, "b l"], cache: TowerCache, valid: Optional[Bool[Array, "b l"]] = None):
         """Logits are NaN if the chunk overflows the cache: the fill level is traced, so under jit this
@@ -133,11 +183,7 @@ class NemotronH:
         return jax.jit(init)(rng)
 
     def random_params(self, seed: int = 0, scale: float = 0.5) -> Params:
-        """Every parameter drawn N(0, scale²) on the host from the abstract shapes (no forward pass is
-        compiled): O(1)-scale weights for demos and tests, where a dropped tensor must show."""
-        leaves, treedef = jax.tree.flatten(self.param_shapes())
-        rng = np.random.default_rng(seed)
-        return jax.tree.unflatten(treedef, [(rng.standard_normal(s.shape) * scale).astype(s.dtype) for s in leaves])
+        return random_like(self.param_shapes(), seed, scale)
 
     def param_shapes(self) -> Params:
         """Shapes/dtypes of every parameter, without allocating any (jax.eval_shape)."""
@@ -168,6 +214,14 @@ class NemotronH:
         """One new token per row. Returns (logits (b, v), cache)."""
         logits, cache = self.extend(params, token[:, None], cache)
         return logits[:, 0], cache
+
+
+def random_like(shapes, seed: int = 0, scale: float = 0.5):
+    """Every leaf drawn N(0, scale²) on the host from abstract shapes (no forward pass is compiled):
+    O(1)-scale weights for demos and tests, where a dropped tensor must show."""
+    leaves, treedef = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(treedef, [(rng.standard_normal(s.shape) * scale).astype(s.dtype) for s in leaves])
 
 
 def count_params(tree) -> int:

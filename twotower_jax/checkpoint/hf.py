@@ -17,7 +17,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from twotower_jax.checkpoint.mapping import TensorRule, keeps_float32, tower_rules
+from twotower_jax.checkpoint.mapping import TensorRule, keeps_float32, tower_rules, two_tower_rules
 from twotower_jax.config import ConfigError, NemotronHConfig, encode_special_floats
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -131,17 +131,41 @@ def _set(tree: dict, path, value):
     tree[path[-1]] = value
 
 
+TOWER, TWO_TOWER = "tower", "two_tower"
+
+
+def checkpoint_kind(directory: str | os.PathLike) -> str:
+    """TWO_TOWER if the tensors are named `context_tower.*` / `denoiser_tower.*`, else TOWER."""
+    names = tensor_files(directory)
+    return TWO_TOWER if any(n.startswith(("context_tower.", "denoiser_tower.")) for n in names) else TOWER
+
+
+def _read_config(directory, overrides) -> NemotronHConfig:
+    try:
+        return NemotronHConfig.from_hf_dict(read_config_json(directory), **overrides)
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{directory}/config.json: {e}") from e
+
+
 def load_hf_tower(directory: str | os.PathLike, dtype=np.float32, **config_overrides
                   ) -> tuple[NemotronHConfig, dict]:
     """Loads a single-tower Nemotron-H checkpoint (`backbone.*` + `lm_head.weight`): (config, params)."""
     from twotower_jax.tower import NemotronH
 
-    try:
-        config = NemotronHConfig.from_hf_dict(read_config_json(directory), **config_overrides)
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{directory}/config.json: {e}") from e
-    shapes = NemotronH(config).param_shapes()
-    return config, read_params(directory, tower_rules(config), shapes, dtype)
+    config = _read_config(directory, config_overrides)
+    return config, read_params(directory, tower_rules(config), NemotronH(config).param_shapes(), dtype)
+
+
+def load_hf_two_tower(directory: str | os.PathLike, dtype=np.float32, **config_overrides
+                      ) -> tuple[NemotronHConfig, dict]:
+    """Loads a TwoTower checkpoint in the release's layout (SPEC §6): (config, {"context", "denoiser"})."""
+    from twotower_jax.two_tower import TwoTower
+
+    if checkpoint_kind(directory) != TWO_TOWER:
+        raise CheckpointError(f"{directory} is a single-tower checkpoint (backbone.*): it has no denoiser tower, "
+                              "so it cannot run diffusion or mock-AR; use --mode ar")
+    config = _read_config(directory, config_overrides)
+    return config, read_params(directory, two_tower_rules(config), TwoTower(config).param_shapes(), dtype)
 
 
 def write_hf_tensors(directory: str | os.PathLike, config_dict: dict, tensors: Mapping[str, np.ndarray],
@@ -179,6 +203,13 @@ def hf_tensors_from_params(rules: list[TensorRule], params: Mapping) -> dict[str
         for name, array in zip(rule.hf_names, rule.to_hf(np.asarray(_get(params, rule.path)))):
             out[name] = array
     return out
+
+
+def save_hf_two_tower(directory: str | os.PathLike, config: NemotronHConfig, params: Mapping,
+                      max_shard_bytes: Optional[int] = None) -> None:
+    """Writes a TwoTower checkpoint in the release's tensor layout (SPEC §6)."""
+    write_hf_tensors(directory, config.to_hf_dict(), hf_tensors_from_params(two_tower_rules(config), params),
+                     max_shard_bytes)
 
 
 def save_hf_tower(directory: str | os.PathLike, config: NemotronHConfig, params: Mapping,

@@ -124,6 +124,30 @@ def tower_rules(config: NemotronHConfig, hf_prefix: str = "backbone.", head_name
     return rules
 
 
+def adaln_rules(config: NemotronHConfig, path_prefix: ParamPath = ("denoiser",)) -> list[TensorRule]:
+    """The denoiser's timestep conditioning: t_embedder, t_block and one scale_shift_table per layer."""
+    d = config.hidden_size
+    emb = 256  # the sinusoid width (layers/adaln.py)
+    rules = [
+        TensorRule(path_prefix + ("t_embedder", "mlp_0", "kernel"), ("t_embedder.mlp.0.weight",), ((d, emb),), "linear"),
+        TensorRule(path_prefix + ("t_embedder", "mlp_0", "bias"), ("t_embedder.mlp.0.bias",), ((d,),), "copy"),
+        TensorRule(path_prefix + ("t_embedder", "mlp_2", "kernel"), ("t_embedder.mlp.2.weight",), ((d, d),), "linear"),
+        TensorRule(path_prefix + ("t_embedder", "mlp_2", "bias"), ("t_embedder.mlp.2.bias",), ((d,),), "copy"),
+        TensorRule(path_prefix + ("t_block_1", "kernel"), ("t_block.1.weight",), ((3 * d, d),), "linear"),
+        TensorRule(path_prefix + ("t_block_1", "bias"), ("t_block.1.bias",), ((3 * d,),), "copy"),
+    ]
+    rules += [TensorRule(path_prefix + (f"layers_{i}", "scale_shift_table"), (f"scale_shift_tables.{i}",),
+                         ((3, d),), "copy") for i in range(config.num_layers)]
+    return rules
+
+
+def two_tower_rules(config: NemotronHConfig) -> list[TensorRule]:
+    """The release's TwoTower layout (SPEC §6)."""
+    return (tower_rules(config, "context_tower.", "context_lm_head.weight", ("context",))
+            + tower_rules(config, "denoiser_tower.", "lm_head.weight", ("denoiser",))
+            + adaln_rules(config))
+
+
 # Tensors kept in float32 whatever the requested dtype (router bias; the release stores it in fp32).
 FLOAT32_PATHS_SUFFIXES = (("e_score_correction_bias",),)
 

@@ -38,10 +38,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "b l d"], cache: AttentionCache, start: Int[Array, ""],
-                 key_valid: Bool[Array, "b s"]):
-        """Writes this chunk's K/V at slots start..start+l-1, attends causally over all valid slots.
+                 key_valid: Bool[Array, "b s"], cross: bool = False):
+        """Causal mode: writes this chunk's K/V at slots start..start+l-1 and attends causally over all
+        valid slots (`key_valid` already includes this chunk). Returns (out (b, l, d), new cache).
 
-        `key_valid` must already include this chunk's validity. Returns (out (b, l, d), new cache).
+        Cross mode (the denoiser reading the context tower): `cache` is the other tower's K/V, read only;
+        keys are [its valid slots ; this chunk's own k/v] with no mask inside the chunk (bidirectional).
+        `start` is unused and the cache comes back unchanged.
         """
         cfg = self.config
         b, length, _ = x.shape
@@ -52,12 +55,17 @@ class Attention(nn.Module):
         q = q.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim).astype(cache.k.dtype)
         v = v.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim).astype(cache.v.dtype)
-        k_all = jax.lax.dynamic_update_slice(cache.k, k, (0, start, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(cache.v, v, (0, start, 0, 0))
-
-        query_slot = start + jnp.arange(length)
-        key_slot = jnp.arange(cache.k.shape[1])
-        mask = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
+        if cross:
+            k_all = jnp.concatenate([cache.k, k], axis=1)
+            v_all = jnp.concatenate([cache.v, v], axis=1)
+            visible = jnp.concatenate([key_valid, jnp.ones((b, length), bool)], axis=1)
+            mask = jnp.broadcast_to(visible[:, None, :], (b, length, visible.shape[1]))
+        else:
+            k_all = jax.lax.dynamic_update_slice(cache.k, k, (0, start, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache.v, v, (0, start, 0, 0))
+            query_slot = start + jnp.arange(length)
+            key_slot = jnp.arange(cache.k.shape[1])
+            mask = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]
         out = gqa_attention(q, k_all.astype(self.dtype), v_all.astype(self.dtype), mask)
         out = nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out.reshape(b, length, -1))
-        return out, AttentionCache(k=k_all, v=v_all)
+        return out, (cache if cross else AttentionCache(k=k_all, v=v_all))

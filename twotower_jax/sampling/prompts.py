@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -41,6 +41,16 @@ class GenerationResult:
 def cut_rows(tokens: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray) -> tuple[list, list]:
     return ([tokens[i, :n].tolist() for i, n in enumerate(lengths)],
             [logprobs[i, :n].tolist() for i, n in enumerate(lengths)])
+
+
+def row_seeds(seed: Union[int, Sequence[int]], batch_size: int) -> np.ndarray:
+    """An int seed gives row r the seed `seed + r`; a sequence gives each row its own."""
+    if isinstance(seed, (int, np.integer)):
+        return np.arange(batch_size, dtype=np.int64).astype(np.uint32) + np.uint32(seed)
+    seeds = np.asarray(list(seed))
+    if seeds.shape != (batch_size,):
+        raise ValueError(f"got {seeds.size} seeds for {batch_size} prompts")
+    return seeds.astype(np.uint32)
 
 
 def check_eos(eos_token_id: Optional[int], vocab_size: int) -> None:

@@ -28,8 +28,22 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def select_tokens(logits: Float[Array, "b v"], key: jax.Array, sampling: SamplingParams) -> Int[Array, "b"]:
-    """Greedy argmax, or a sample from softmax(logits / T) restricted to the top-k / top-p set."""
+def row_keys(seeds: Int[Array, "b"]) -> jax.Array:
+    """One PRNG key per row from its own seed, so a row samples the same alone as in any batch."""
+    return jax.vmap(jax.random.key)(seeds)
+
+
+def fold_rows(keys: jax.Array, *indices) -> jax.Array:
+    """Each row's key folded with the same loop indices (block, step, ...)."""
+    for index in indices:
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, index)
+    return keys
+
+
+def select_tokens(logits: Float[Array, "b v"], keys: jax.Array, sampling: SamplingParams) -> Int[Array, "b"]:
+    """Greedy argmax, or a sample from softmax(logits / T) restricted to the top-k / top-p set.
+
+    `keys` holds one PRNG key per row."""
     logits = logits.astype(jnp.float32)
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -46,7 +60,7 @@ def select_tokens(logits: Float[Array, "b v"], key: jax.Array, sampling: Samplin
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         scaled = jnp.where(scaled < cutoff, neg, scaled)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
 
 def token_logprobs(logits: Float[Array, "b v"], tokens: Int[Array, "b"]) -> Float[Array, "b"]:
