@@ -122,3 +122,26 @@ def test_absent_fields_take_transformers_defaults():
                   "routed_scaling_factor", "intermediate_size", "layer_norm_epsilon", "n_group", "topk_group"):
         assert getattr(ours, field) == getattr(theirs, field), field
     assert ours.n_groups == 4 and ours.eos_token_id == 2
+
+
+def _leaf_paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _leaf_paths(v, prefix + (k,))]
+    return [prefix]
+
+
+@pytest.mark.parametrize("two_tower", [False, True], ids=["tower", "two_tower"])
+def test_real_checkpoint_table_covers_every_param_once(two_tower):
+    from twotower_jax.checkpoint.mapping import tower_rules, two_tower_rules
+    from twotower_jax.two_tower import TwoTower
+    config = nano_30b_a3b()
+    shapes = TwoTower(config).param_shapes() if two_tower else NemotronH(config).param_shapes()
+    rules = two_tower_rules(config) if two_tower else tower_rules(config)
+    assert sorted(r.path for r in rules) == sorted(_leaf_paths(shapes))
+    names = [n for r in rules for n in r.hf_names]
+    assert len(names) == len(set(names))
+    hf_params = sum(math.prod(s) for r in rules for s in r.hf_shapes)
+    assert hf_params == count_params(shapes)
+    d = 2688  # adaLN (SPEC §3/§6): t_embedder 256→D→D, t_block D→3D (with biases), 52 tables (3, D): ≈30.0M
+    adaln = 256 * d + d + d * d + d + 3 * d * d + 3 * d + 52 * 3 * d
+    assert hf_params == (2 * spec_param_count() + adaln if two_tower else spec_param_count())

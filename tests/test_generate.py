@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from twotower_jax import generate
-from twotower_jax.checkpoint.hf import save_hf_tower
+from twotower_jax.checkpoint.hf import save_hf_tower, save_hf_two_tower
 from twotower_jax.config import tiny
-from twotower_jax.sampling.ar import generate_ar
+from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
+from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.sampling.tokens import SamplingParams, row_keys, select_tokens
 from twotower_jax.tower import NemotronH
+from twotower_jax.two_tower import TwoTower
 
 CONFIG = tiny(pattern="M*E")
 
@@ -137,4 +139,55 @@ def test_demo_runs(capsys):
     from twotower_jax import demo
     assert demo.main() == 0
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out and "row 0:" in out and "forward passes" in out
+    assert "RANDOM weights" in out and out.count("row 1:") == 3
+    assert "forward passes" in out and "tokens per denoiser pass" in out
+
+
+@pytest.fixture(scope="module")
+def two_tower_checkpoint(tmp_path_factory):
+    model = TwoTower(CONFIG)
+    params = model.random_params(seed=1, scale=0.7)
+    directory = tmp_path_factory.mktemp("two_tower")
+    save_hf_two_tower(directory, CONFIG, params)
+    return directory, model, params
+
+
+def test_cli_two_tower_modes(two_tower_checkpoint, capsys):
+    directory, model, params = two_tower_checkpoint
+    base = ["--checkpoint", str(directory), "--prompt-ids", "5,6,7", "--prompt-ids", "9", "--max-new-tokens", "6",
+            "--eos-token-id", "-1", "--json"]
+    ar = run_cli(capsys, *base, "--mode", "ar")
+    assert ar["tokens"] == generate_ar(model, params, [[5, 6, 7], [9]], 6).tokens  # the context tower
+    mock = run_cli(capsys, *base, "--mode", "mock_ar")
+    assert mock["tokens"] == generate_mock_ar(model, params, [[5, 6, 7], [9]], 6).tokens
+    assert mock["stats"]["denoiser_passes"] == 6
+    diffusion = run_cli(capsys, *base, "--mode", "diffusion", "--block-size", "4", "--steps-per-block", "2",
+                        "--confidence-threshold", "0.5", "--temperature", "0.5", "--seed", "3")
+    expected = generate_mask_diffusion(model, params, [[5, 6, 7], [9]], 6, block_size=4, steps_per_block=2,
+                                       confidence_threshold=0.5, temperature=0.5, seed=3)
+    assert diffusion["tokens"] == expected.tokens
+    for key in ("denoiser_passes", "context_passes", "tokens_per_denoiser_pass", "row_denoiser_passes"):
+        assert diffusion["stats"][key] == expected.stats[key]
+    assert diffusion["stats"]["denoiser_passes"] <= 4  # two blocks, at most two steps each
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--confidence-threshold", "1.2"], r"confidence_threshold must be in [0, 1]"),
+    (["--block-size", "0"], "block_size must be an integer >= 1"),
+    (["--steps-per-block", "20"], "steps_per_block must be an integer in [1, block_size=16]"),
+    (["--mask-token-id", "500"], "mask_token_id 500 is outside the vocabulary"),
+    (["--top-k", "5"], "diffusion samples with --temperature only"),
+])
+def test_cli_diffusion_argument_errors(two_tower_checkpoint, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--checkpoint", str(two_tower_checkpoint[0]), "--mode", "diffusion", "--prompt-ids", "5"]
+                      + argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "mock_ar"])
+def test_cli_single_tower_checkpoint_refuses_two_tower_modes(checkpoint, capsys, mode):
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(checkpoint[0]), "--mode", mode, "--prompt-ids", "5"])
+    assert f"--mode {mode} needs a TwoTower checkpoint" in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """Command line generation.
 
-    python -m twotower_jax.generate --checkpoint DIR --mode ar --prompt-ids 5,6,7 --max-new-tokens 16 --json
+    python -m twotower_jax.generate --checkpoint DIR --mode {ar,mock_ar,diffusion} --prompt-ids 5,6,7 --json
+
+`--checkpoint` is a HF-layout directory: a single Nemotron-H tower (`backbone.*`, AR only) or a TwoTower
+checkpoint (`context_tower.*`, `denoiser_tower.*`; all modes, AR uses the context tower).
 
 `--prompt-ids` may repeat (one batch row each, left-padded); `--prompt TEXT` (also repeatable) needs a
 `tokenizer.json` in the checkpoint directory and the `tokenizers` package. Prints one JSON object with
@@ -16,11 +19,14 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
-from twotower_jax.checkpoint.hf import CheckpointError, load_hf_tower
-from twotower_jax.sampling.ar import generate_ar
+from twotower_jax.checkpoint.hf import (TWO_TOWER, CheckpointError, checkpoint_kind, load_hf_tower,
+                                        load_hf_two_tower)
+from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
+from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.tower import NemotronH
+from twotower_jax.two_tower import TwoTower
 
-MODES = ("ar",)
+MODES = ("ar", "mock_ar", "diffusion")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -40,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-token-id", type=int, default=None,
                    help="stop a row at this id (default: the checkpoint's eos_token_id; -1: never stop)")
+    p.add_argument("--block-size", type=int, default=16, help="diffusion: block size S")
+    p.add_argument("--steps-per-block", type=int, default=16, help="diffusion: max denoising steps T per block")
+    p.add_argument("--confidence-threshold", type=float, default=0.9, help="diffusion: commit threshold γ")
+    p.add_argument("--mask-token-id", type=int, default=3, help="diffusion: the [MASK] id")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -76,12 +86,28 @@ def run(args: argparse.Namespace) -> dict:
                else [tokenizer.encode(t).ids for t in args.prompt])
 
     dtype = DTYPES[args.dtype]
-    config, params = load_hf_tower(directory, dtype=dtype)
-    model = NemotronH(config, dtype=dtype, param_dtype=dtype)
+    if checkpoint_kind(directory) == TWO_TOWER:
+        config, params = load_hf_two_tower(directory, dtype=dtype)
+        model = TwoTower(config, dtype=dtype, param_dtype=dtype)
+    elif args.mode != "ar":
+        raise ValueError(f"--mode {args.mode} needs a TwoTower checkpoint (context_tower.*, denoiser_tower.*); "
+                         f"{directory} is a single Nemotron-H tower (backbone.*), which can only run --mode ar")
+    else:
+        config, params = load_hf_tower(directory, dtype=dtype)
+        model = NemotronH(config, dtype=dtype, param_dtype=dtype)
     eos = config.eos_token_id if args.eos_token_id is None else args.eos_token_id
     eos = None if eos == -1 else eos
-    result = generate_ar(model, params, prompts, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
+    if args.mode == "diffusion":
+        if args.top_k or args.top_p != 1.0:
+            raise ValueError("--top-k/--top-p are AR sampling options; diffusion samples with --temperature only")
+        result = generate_mask_diffusion(
+            model, params, prompts, args.max_new_tokens, block_size=args.block_size,
+            steps_per_block=args.steps_per_block, mask_token_id=args.mask_token_id, temperature=args.temperature,
+            confidence_threshold=args.confidence_threshold, eos_token_id=eos, seed=args.seed)
+    else:
+        generate_fn = generate_ar if args.mode == "ar" else generate_mock_ar
+        result = generate_fn(model, params, prompts, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
     out = {"mode": args.mode, **result.to_json_dict()}
     if tokenizer is not None:
         out["text"] = [tokenizer.decode(row) for row in result.tokens]
@@ -101,8 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for i, row in enumerate(out["tokens"]):
             print(f"row {i}: {out['text'][i] if 'text' in out else row}")
         s = out["stats"]
-        print(f"{s['generated_tokens']} tokens, {s['forward_passes']} forward passes, {s['seconds']:.3f} s "
-              f"(+ {s['compile_seconds']:.1f} s compile)")
+        passes = (f"{s['denoiser_passes']} denoiser + {s['context_passes']} context passes"
+                  if "denoiser_passes" in s else f"{s['forward_passes']} forward passes")
+        if "tokens_per_denoiser_pass" in s:
+            passes += f" ({s['tokens_per_denoiser_pass']:.2f} tokens per denoiser pass)"
+        print(f"{s['generated_tokens']} tokens, {passes}, {s['seconds']:.3f} s (+ {s['compile_seconds']:.1f} s compile)")
     return 0
 
 
