@@ -1,7 +1,6 @@
 """Sampling rules, EOS handling and the command line."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

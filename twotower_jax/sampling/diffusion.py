@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
+from twotower_jax.sampling.prompts import GenerationResult, check_eos, left_pad, row_seeds
 from twotower_jax.sampling.timing import compile_and_run
 from twotower_jax.sampling.tokens import fold_rows, row_keys
 from twotower_jax.tower import Params
@@ -191,7 +191,8 @@ def generate_mask_diffusion(
         diffusion_loop, params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(row_seeds(seed, len(tokens))),
         model=model, max_new_tokens=max_new_tokens, dp=dp, eos_token_id=eos_token_id)
     lengths, row_den = np.asarray(lengths), np.asarray(row_den)
-    toks = [np.asarray(out)[i, :n].tolist() for i, n in enumerate(lengths)]
+    out = np.asarray(out)
+    toks = [out[i, :n].tolist() for i, n in enumerate(lengths)]
     stats = {
         "denoiser_passes": int(den),
         "context_passes": int(ctx),
