@@ -2,8 +2,8 @@
 
     python -m twotower_jax.generate --checkpoint DIR --mode {ar,mock_ar,diffusion} --prompt-ids 5,6,7 --json
 
-`--checkpoint` is a HF-layout directory: a single Nemotron-H tower (`backbone.*`, AR only) or a TwoTower
-checkpoint (`context_tower.*`, `denoiser_tower.*`; all modes, AR uses the context tower).
+`--checkpoint` is a HF-layout directory or an orbax checkpoint made by `python -m convert`, holding a
+single Nemotron-H tower (AR only) or a TwoTower (all modes; AR uses the context tower).
 
 `--prompt-ids` may repeat (one batch row each, left-padded); `--prompt TEXT` (also repeatable) needs a
 `tokenizer.json` in the checkpoint directory and the `tokenizers` package. Prints one JSON object with
@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
-from twotower_jax.checkpoint.hf import (TWO_TOWER, CheckpointError, checkpoint_kind, load_hf_tower,
-                                        load_hf_two_tower)
+from twotower_jax.checkpoint.hf import TWO_TOWER
+from twotower_jax.checkpoint.load import load_checkpoint
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.tower import NemotronH
@@ -32,7 +32,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m twotower_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="HF Nemotron-H directory (config.json + safetensors)")
+    p.add_argument("--checkpoint", required=True, help="HF-layout directory (config.json + safetensors) or orbax checkpoint from `python -m convert`")
     p.add_argument("--mode", choices=MODES, default="ar")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="comma-separated token ids; repeat for a batch")
@@ -86,14 +86,13 @@ def run(args: argparse.Namespace) -> dict:
                else [tokenizer.encode(t).ids for t in args.prompt])
 
     dtype = DTYPES[args.dtype]
-    if checkpoint_kind(directory) == TWO_TOWER:
-        config, params = load_hf_two_tower(directory, dtype=dtype)
+    kind, config, params = load_checkpoint(directory, dtype)
+    if kind == TWO_TOWER:
         model = TwoTower(config, dtype=dtype, param_dtype=dtype)
     elif args.mode != "ar":
         raise ValueError(f"--mode {args.mode} needs a TwoTower checkpoint (context_tower.*, denoiser_tower.*); "
-                         f"{directory} is a single Nemotron-H tower (backbone.*), which can only run --mode ar")
+                         f"{directory} is a single Nemotron-H tower, which can only run --mode ar")
     else:
-        config, params = load_hf_tower(directory, dtype=dtype)
         model = NemotronH(config, dtype=dtype, param_dtype=dtype)
     eos = config.eos_token_id if args.eos_token_id is None else args.eos_token_id
     eos = None if eos == -1 else eos
@@ -119,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = run(args)
-    except (ValueError, CheckpointError) as e:
+    except ValueError as e:  # bad arguments, configs and checkpoints (CheckpointError is a ValueError)
         parser.exit(2, f"error: {e}\n")
     if args.json:
         print(json.dumps(out))

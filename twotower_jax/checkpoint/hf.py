@@ -77,45 +77,68 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
 
 
-def read_params(directory: str | os.PathLike, rules: list[TensorRule], target_shapes: Mapping,
-                dtype=np.float32) -> dict:
-    """Builds our nested param dict from the checkpoint's tensors through `rules`.
+class SafetensorsSource:
+    """The tensors of a HF directory (one file, or shards with an index), read one at a time."""
 
-    `target_shapes` is our param tree (e.g. from `jax.eval_shape`); every produced array is checked
-    against it. Raises CheckpointError naming missing, unexpected or wrongly-shaped tensors.
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = directory
+        self._files = tensor_files(directory)
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self._files)
+
+    def get(self, name: str) -> np.ndarray:
+        path = self._files[name]
+        handle = self._handles.get(path) or self._handles.setdefault(path, _open(path))
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
+
+
+def iter_params(source, rules: list[TensorRule], target_shapes: Mapping, dtype=np.float32):
+    """Yields (param path, array) for each rule, one at a time, converted to our layout and `dtype`.
+
+    `source` has `names()` and `get(name)`; `target_shapes` is our param tree (e.g. from `jax.eval_shape`).
+    Missing and unexpected tensors are reported (by name) before anything is read; every source shape
+    and every produced shape is checked.
     """
-    files = tensor_files(directory)
+    available = source.names()
     expected = {name for rule in rules for name in rule.hf_names}
-    missing, unexpected = expected - files.keys(), files.keys() - expected
+    missing, unexpected = expected - available, available - expected
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s): {_names(unexpected)}")
-        raise CheckpointError(f"{directory}: checkpoint does not match the config: " + "; ".join(parts))
-
-    handles: dict[Path, object] = {}
-    params: dict = {}
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(parts))
     for rule in rules:
         arrays = []
         for name, shape in zip(rule.hf_names, rule.hf_shapes):
-            path = files[name]
-            handle = handles.get(path) or handles.setdefault(path, _open(path))
-            try:
-                array = handle.get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from e
+            array = source.get(name)
             if tuple(array.shape) != tuple(shape):
                 raise CheckpointError(f"tensor {name} has shape {tuple(array.shape)}, expected {tuple(shape)}")
             arrays.append(array)
         value = rule.to_ours(arrays)
+        del arrays
         target = _get(target_shapes, rule.path)
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"param {'/'.join(rule.path)} built with shape {value.shape}, model expects "
                                   f"{tuple(target.shape)}")
-        _set(params, rule.path, value.astype(np.float32 if keeps_float32(rule.path) else dtype))
-        del arrays
+        yield rule.path, value.astype(np.float32 if keeps_float32(rule.path) else dtype)
+
+
+def read_params(directory: str | os.PathLike, rules: list[TensorRule], target_shapes: Mapping,
+                dtype=np.float32) -> dict:
+    """Builds our nested param dict from a HF directory's tensors through `rules` (see `iter_params`)."""
+    params: dict = {}
+    try:
+        for path, value in iter_params(SafetensorsSource(directory), rules, target_shapes, dtype):
+            _set(params, path, value)
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory}: {e}") from e
     return params
 
 
@@ -134,15 +157,28 @@ def _set(tree: dict, path, value):
 TOWER, TWO_TOWER = "tower", "two_tower"
 
 
-def checkpoint_kind(directory: str | os.PathLike) -> str:
+def kind_of_names(names: Iterable[str]) -> str:
     """TWO_TOWER if the tensors are named `context_tower.*` / `denoiser_tower.*`, else TOWER."""
-    names = tensor_files(directory)
     return TWO_TOWER if any(n.startswith(("context_tower.", "denoiser_tower.")) for n in names) else TOWER
 
 
-def _read_config(directory, overrides) -> NemotronHConfig:
+def checkpoint_kind(directory: str | os.PathLike) -> str:
+    return kind_of_names(tensor_files(directory))
+
+
+def rules_and_shapes(kind: str, config: NemotronHConfig):
+    """The mapping table and our abstract param tree for a checkpoint kind."""
+    from twotower_jax.tower import NemotronH
+    from twotower_jax.two_tower import TwoTower
+
+    if kind == TWO_TOWER:
+        return two_tower_rules(config), TwoTower(config).param_shapes()
+    return tower_rules(config), NemotronH(config).param_shapes()
+
+
+def read_config(directory, overrides=None) -> NemotronHConfig:
     try:
-        return NemotronHConfig.from_hf_dict(read_config_json(directory), **overrides)
+        return NemotronHConfig.from_hf_dict(read_config_json(directory), **(overrides or {}))
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{directory}/config.json: {e}") from e
 
@@ -152,7 +188,7 @@ def load_hf_tower(directory: str | os.PathLike, dtype=np.float32, **config_overr
     """Loads a single-tower Nemotron-H checkpoint (`backbone.*` + `lm_head.weight`): (config, params)."""
     from twotower_jax.tower import NemotronH
 
-    config = _read_config(directory, config_overrides)
+    config = read_config(directory, config_overrides)
     return config, read_params(directory, tower_rules(config), NemotronH(config).param_shapes(), dtype)
 
 
@@ -164,7 +200,7 @@ def load_hf_two_tower(directory: str | os.PathLike, dtype=np.float32, **config_o
     if checkpoint_kind(directory) != TWO_TOWER:
         raise CheckpointError(f"{directory} is a single-tower checkpoint (backbone.*): it has no denoiser tower, "
                               "so it cannot run diffusion or mock-AR; use --mode ar")
-    config = _read_config(directory, config_overrides)
+    config = read_config(directory, config_overrides)
     return config, read_params(directory, two_tower_rules(config), TwoTower(config).param_shapes(), dtype)
 
 
@@ -174,7 +210,7 @@ def write_hf_tensors(directory: str | os.PathLike, config_dict: dict, tensors: M
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(encode_special_floats(config_dict), indent=2))
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}  # callers may pass views
     if max_shard_bytes is None:
         save_file(tensors, str(directory / SINGLE_FILE))
         return
@@ -201,7 +237,7 @@ def hf_tensors_from_params(rules: list[TensorRule], params: Mapping) -> dict[str
     out = {}
     for rule in rules:
         for name, array in zip(rule.hf_names, rule.to_hf(np.asarray(_get(params, rule.path)))):
-            out[name] = array
+            out[name] = np.ascontiguousarray(array)  # to_hf transposes; safetensors writes raw buffers
     return out
 
 

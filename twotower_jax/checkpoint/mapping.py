@@ -141,11 +141,20 @@ def adaln_rules(config: NemotronHConfig, path_prefix: ParamPath = ("denoiser",))
     return rules
 
 
+def group_of(path: ParamPath) -> ParamPath:
+    """The group a param belongs to (saved, streamed and sharded together): its layer or top-level
+    module, per tower."""
+    return path[:2] if path[0] in ("context", "denoiser") else path[:1]
+
+
 def two_tower_rules(config: NemotronHConfig) -> list[TensorRule]:
-    """The release's TwoTower layout (SPEC §6)."""
-    return (tower_rules(config, "context_tower.", "context_lm_head.weight", ("context",))
-            + tower_rules(config, "denoiser_tower.", "lm_head.weight", ("denoiser",))
-            + adaln_rules(config))
+    """The release's TwoTower layout (SPEC §6), each group's rules contiguous (a layer's adaLN table
+    comes with the rest of that layer)."""
+    rules = (tower_rules(config, "context_tower.", "context_lm_head.weight", ("context",))
+             + tower_rules(config, "denoiser_tower.", "lm_head.weight", ("denoiser",))
+             + adaln_rules(config))
+    first_seen: dict[ParamPath, int] = {}
+    return sorted(rules, key=lambda r: first_seen.setdefault(group_of(r.path), len(first_seen)))
 
 
 # Tensors kept in float32 whatever the requested dtype (router bias; the release stores it in fp32).
