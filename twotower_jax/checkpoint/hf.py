@@ -6,6 +6,7 @@ reported by name.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -127,7 +128,7 @@ def iter_params(source, rules: list[TensorRule], target_shapes: Mapping, dtype=n
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"param {'/'.join(rule.path)} built with shape {value.shape}, model expects "
                                   f"{tuple(target.shape)}")
-        yield rule.path, value.astype(np.float32 if keeps_float32(rule.path) else dtype)
+        yield rule.path, value.astype(np.float32 if keeps_float32(rule.path) else dtype, copy=False)
 
 
 def read_params(directory: str | os.PathLike, rules: list[TensorRule], target_shapes: Mapping,
@@ -166,8 +167,10 @@ def checkpoint_kind(directory: str | os.PathLike) -> str:
     return kind_of_names(tensor_files(directory))
 
 
+@functools.lru_cache(maxsize=8)
 def rules_and_shapes(kind: str, config: NemotronHConfig):
-    """The mapping table and our abstract param tree for a checkpoint kind."""
+    """The mapping table and our abstract param tree for a checkpoint kind (cached: tracing a 52-layer
+    model for `eval_shape` costs seconds and tens of MB of Python objects). Treat the result as read-only."""
     from twotower_jax.tower import NemotronH
     from twotower_jax.two_tower import TwoTower
 
