@@ -16,7 +16,7 @@ from twotower_jax.checkpoint.hf import (CheckpointError, hf_tensors_from_params,
                                         rules_and_shapes, save_hf_tower, save_hf_two_tower, write_hf_tensors)
 from twotower_jax.checkpoint.mapping import tower_rules, two_tower_rules
 from twotower_jax.checkpoint.orbax_io import restore_orbax_checkpoint
-from twotower_jax.config import nano_30b_a3b, tiny
+from twotower_jax.config import encode_special_floats, nano_30b_a3b, tiny
 from twotower_jax.tower import NemotronH
 from twotower_jax.two_tower import TwoTower
 
@@ -155,7 +155,7 @@ def test_torch_state_dict_input(tmp_path, two_tower_params):
     state = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
     (tmp_path / "hf").mkdir()
     torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(json.loads(json.dumps(CONFIG.to_hf_dict(), default=str))))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(encode_special_floats(CONFIG.to_hf_dict())))
     save_hf_two_tower(tmp_path / "ref", CONFIG, jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)),
                                                               two_tower_params))
     convert_hf_to_orbax(tmp_path / "hf", tmp_path / "from_torch", dtype="bfloat16")
@@ -203,3 +203,13 @@ def test_python_dash_m_convert(tmp_path):
     run = subprocess.run([sys.executable, "-m", "convert", "--hf-dir", str(tmp_path / "nope"), "--out",
                           str(tmp_path / "out2")], capture_output=True, text=True)
     assert run.returncode != 0 and "config.json" in run.stderr
+
+
+def test_torch_state_dict_without_torch_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not read")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(encode_special_floats(CONFIG.to_hf_dict())))
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(SystemExit):
+        convert_main(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    assert "needs torch" in capsys.readouterr().err and nothing_left(tmp_path, "out")
