@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import jax.numpy as jnp
@@ -27,6 +24,7 @@ from twotower_jax.checkpoint.hf import (INDEX_FILE, CheckpointError, hf_tensors_
                                         kind_of_names, read_config, rules_and_shapes)
 from twotower_jax.checkpoint.mapping import group_of
 from twotower_jax.checkpoint.orbax_io import iter_orbax_groups, write_orbax_checkpoint
+from twotower_jax.checkpoint.staging import staged_directory
 from twotower_jax.config import ConfigError, encode_special_floats
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -69,14 +67,8 @@ def convert_hf_to_orbax(hf_dir, out, dtype: str = "bfloat16", overwrite: bool = 
 def convert_orbax_to_hf(orbax_dir, out, overwrite: bool = False) -> dict:
     """Writes an orbax checkpoint back in the HF tensor layout (one safetensors shard per layer group)."""
     start = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     counts = {"tensors": 0, "parameters": 0, "bytes": 0}
-    try:
+    with staged_directory(out, overwrite) as tmp:
         groups = iter_orbax_groups(orbax_dir)
         _, (kind, config) = next(groups)
         rules, _ = rules_and_shapes(kind, config)
@@ -95,12 +87,6 @@ def convert_orbax_to_hf(orbax_dir, out, overwrite: bool = False) -> dict:
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": counts["bytes"]},
                                                   "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(encode_special_floats(config.to_hf_dict()), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"direction": "orbax->hf", "kind": kind, **counts, "seconds": round(time.perf_counter() - start, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 

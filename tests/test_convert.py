@@ -12,7 +12,7 @@ import pytest
 from convert.cli import convert_hf_to_orbax, convert_orbax_to_hf
 from convert.cli import main as convert_main
 from twotower_jax import generate
-from twotower_jax.checkpoint.hf import (CheckpointError, hf_tensors_from_params, load_hf_tower, load_hf_two_tower,
+from twotower_jax.checkpoint.hf import (hf_tensors_from_params, load_hf_tower, load_hf_two_tower,
                                         rules_and_shapes, save_hf_tower, save_hf_two_tower, write_hf_tensors)
 from twotower_jax.checkpoint.mapping import tower_rules, two_tower_rules
 from twotower_jax.checkpoint.orbax_io import restore_orbax_checkpoint

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from twotower_jax.checkpoint.hf import CheckpointError, read_config_json, rules_and_shapes
 from twotower_jax.checkpoint.mapping import ParamPath, group_of, keeps_float32
+from twotower_jax.checkpoint.staging import staged_directory
 from twotower_jax.config import NemotronHConfig, encode_special_floats
 
 FORMAT = "twotower-jax-orbax/1"
@@ -46,16 +46,12 @@ def write_orbax_checkpoint(out: str | os.PathLike, kind: str, config: NemotronHC
                            params: Iterable[tuple[ParamPath, np.ndarray]], dtype_name: str, *,
                            overwrite: bool = False, on_param: Optional[Callable[[ParamPath], None]] = None) -> dict:
     """Writes (path, array) pairs, grouped as they arrive, as a checkpoint at `out`. Returns counts."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / PARAMS_DIR).mkdir(parents=True)
     checkpointer = ocp.StandardCheckpointer()
     counts = {"tensors": 0, "parameters": 0, "bytes": 0}
     groups: list[str] = []
-    try:
+    with staged_directory(out, overwrite) as tmp:
+        (tmp / PARAMS_DIR).mkdir()
+
         def flush(group, tree):
             name = ".".join(group)
             checkpointer.save(tmp / PARAMS_DIR / name, tree)
@@ -81,13 +77,7 @@ def write_orbax_checkpoint(out: str | os.PathLike, kind: str, config: NemotronHC
             flush(current, buffer)
         (tmp / "config.json").write_text(json.dumps(encode_special_floats(config.to_hf_dict()), indent=2))
         manifest = {"format": FORMAT, "kind": kind, "dtype": dtype_name, "groups": groups, **counts}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: only a finished write has it
     return counts
 
 
