@@ -4,8 +4,12 @@ Router (float32): s = sigmoid(x·Wᵀ); pick top-k of s + e_score_correction_bia
 n_group > 1); weights = the unbiased s at the picks, renormalised, × routed_scaling_factor.
 Experts are non-gated: down(relu(up(x))²). One shared expert is always added.
 
-Two dispatches with the same result: "ragged" (sort token copies by expert, `lax.ragged_dot` over the
-expert stack) and "dense" (every expert on every token, then weighted; the test reference).
+Dispatches with the same result:
+- "dense": every expert on every token, then weighted (the test reference);
+- "ragged": sort token copies by expert, `lax.ragged_dot` over the expert stack;
+- "gather": gather each token's k experts' weights (for decode-sized batches: no sort, no padding);
+- "expert_parallel": experts split over the mesh axis `expert` of the current mesh (`jax.set_mesh`);
+  each device runs the ragged dispatch on its local experts for all tokens, one `psum` combines.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from jaxtyping import Array, Float, Int
 
 from twotower_jax.config import NemotronHConfig
 
-MoEImpl = Literal["ragged", "dense"]
+MoEImpl = Literal["ragged", "dense", "gather", "expert_parallel"]
+EXPERT_AXIS = "expert"
 
 
 def relu_squared(x):
@@ -73,8 +78,18 @@ def experts_dense(x, up, down, weights, idx):
     return jnp.einsum("te,ted->td", combine, out)
 
 
+def experts_gather(x, up, down, weights, idx):
+    """Gather dispatch: each token's k experts' weights are gathered and applied to it alone."""
+    h = relu_squared(jnp.einsum("td,tkdf->tkf", x, up[idx], preferred_element_type=jnp.float32))
+    out = jnp.einsum("tkf,tkfd->tkd", h.astype(x.dtype), down[idx], preferred_element_type=jnp.float32)
+    return jnp.einsum("tk,tkd->td", weights, out)
+
+
 def experts_ragged(x, up, down, weights, idx):
-    """Sorted dispatch: each token copy goes to its expert's contiguous group; one ragged matmul per proj."""
+    """Sorted dispatch: each token copy goes to its expert's contiguous group; one ragged matmul per proj.
+
+    An index equal to the number of experts is an overflow bucket: sorted last, outside every group, so
+    its rows come out zero (used by the expert-parallel dispatch for other devices' experts)."""
     t, k = idx.shape
     flat_expert = idx.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
@@ -85,6 +100,33 @@ def experts_ragged(x, up, down, weights, idx):
                              preferred_element_type=jnp.float32)
     out = out * weights.reshape(-1)[order][:, None]
     return jnp.zeros((t, x.shape[1]), jnp.float32).at[token_of].add(out)
+
+
+def experts_expert_parallel(x, up, down, weights, idx):
+    """Experts split over the current mesh's `expert` axis; tokens replicated; one psum."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if EXPERT_AXIS not in mesh.axis_names:
+        raise ValueError(f"the expert_parallel MoE needs a mesh with an {EXPERT_AXIS!r} axis set by jax.set_mesh; "
+                         f"current mesh axes: {mesh.axis_names}")
+    n_experts, devices = up.shape[0], mesh.shape[EXPERT_AXIS]
+    if n_experts % devices:
+        raise ValueError(f"{n_experts} experts cannot be split evenly over {devices} devices")
+    P = jax.sharding.PartitionSpec
+
+    def local(x, up_local, down_local, weights, idx):
+        n_local = up_local.shape[0]
+        local_idx = idx - jax.lax.axis_index(EXPERT_AXIS) * n_local
+        mine = (local_idx >= 0) & (local_idx < n_local)
+        out = experts_ragged(x, up_local, down_local, jnp.where(mine, weights, 0.0),
+                             jnp.where(mine, local_idx, n_local))
+        return jax.lax.psum(out, EXPERT_AXIS)
+
+    return jax.shard_map(local, in_specs=(P(), P(EXPERT_AXIS), P(EXPERT_AXIS), P(), P()), out_specs=P())(
+        x, up, down, weights, idx)
+
+
+_DISPATCH = {"ragged": experts_ragged, "dense": experts_dense, "gather": experts_gather,
+             "expert_parallel": experts_expert_parallel}
 
 
 class MoE(nn.Module):
@@ -105,9 +147,9 @@ class MoE(nn.Module):
 
         tokens = x.reshape(-1, d)
         weights, idx = route(tokens, gate_weight, correction_bias, cfg)
-        dispatch = {"ragged": experts_ragged, "dense": experts_dense}.get(self.impl)
+        dispatch = _DISPATCH.get(self.impl)
         if dispatch is None:
-            raise ValueError(f"unknown MoE impl {self.impl!r}; expected 'ragged' or 'dense'")
+            raise ValueError(f"unknown MoE impl {self.impl!r}; expected one of {sorted(_DISPATCH)}")
         routed = dispatch(tokens.astype(self.dtype), up, down, weights, idx).astype(x.dtype).reshape(x.shape)
         shared = ReluSquaredMLP(d, cfg.moe_shared_expert_intermediate_size, self.dtype, self.param_dtype,
                                 name="shared_experts")(x)
