@@ -23,7 +23,7 @@ from convert.sources import open_source
 from twotower_jax.checkpoint.hf import (INDEX_FILE, CheckpointError, hf_tensors_from_params, iter_params,
                                         kind_of_names, read_config, rules_and_shapes)
 from twotower_jax.checkpoint.mapping import group_of
-from twotower_jax.checkpoint.orbax_io import iter_orbax_groups, write_orbax_checkpoint
+from twotower_jax.checkpoint.orbax_io import open_orbax_checkpoint, write_orbax_checkpoint
 from twotower_jax.checkpoint.staging import staged_directory
 from twotower_jax.config import ConfigError, encode_special_floats
 
@@ -69,8 +69,7 @@ def convert_orbax_to_hf(orbax_dir, out, overwrite: bool = False) -> dict:
     start = time.perf_counter()
     counts = {"tensors": 0, "parameters": 0, "bytes": 0}
     with staged_directory(out, overwrite) as tmp:
-        groups = iter_orbax_groups(orbax_dir)
-        _, (kind, config) = next(groups)
+        kind, config, groups = open_orbax_checkpoint(orbax_dir)
         rules, _ = rules_and_shapes(kind, config)
         weight_map: dict[str, str] = {}
         for shard, (group, tree) in enumerate(groups, start=1):

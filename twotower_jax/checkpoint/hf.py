@@ -18,7 +18,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from twotower_jax.checkpoint.mapping import TensorRule, keeps_float32, tower_rules, two_tower_rules
+from twotower_jax.checkpoint.mapping import (TensorRule, get_path, keeps_float32, set_path, tower_rules,
+                                             two_tower_rules)
 from twotower_jax.config import ConfigError, NemotronHConfig, encode_special_floats
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -124,7 +125,7 @@ def iter_params(source, rules: list[TensorRule], target_shapes: Mapping, dtype=n
             arrays.append(array)
         value = rule.to_ours(arrays)
         del arrays
-        target = _get(target_shapes, rule.path)
+        target = get_path(target_shapes, rule.path)
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"param {'/'.join(rule.path)} built with shape {value.shape}, model expects "
                                   f"{tuple(target.shape)}")
@@ -137,22 +138,10 @@ def read_params(directory: str | os.PathLike, rules: list[TensorRule], target_sh
     params: dict = {}
     try:
         for path, value in iter_params(SafetensorsSource(directory), rules, target_shapes, dtype):
-            _set(params, path, value)
+            set_path(params, path, value)
     except CheckpointError as e:
         raise CheckpointError(f"{directory}: {e}") from e
     return params
-
-
-def _get(tree: Mapping, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 TOWER, TWO_TOWER = "tower", "two_tower"
@@ -186,25 +175,25 @@ def read_config(directory, overrides=None) -> NemotronHConfig:
         raise CheckpointError(f"{directory}/config.json: {e}") from e
 
 
+def _load_hf(directory, kind: str, dtype, config_overrides) -> tuple[NemotronHConfig, dict]:
+    config = read_config(directory, config_overrides)
+    rules, shapes = rules_and_shapes(kind, config)
+    return config, read_params(directory, rules, shapes, dtype)
+
+
 def load_hf_tower(directory: str | os.PathLike, dtype=np.float32, **config_overrides
                   ) -> tuple[NemotronHConfig, dict]:
     """Loads a single-tower Nemotron-H checkpoint (`backbone.*` + `lm_head.weight`): (config, params)."""
-    from twotower_jax.tower import NemotronH
-
-    config = read_config(directory, config_overrides)
-    return config, read_params(directory, tower_rules(config), NemotronH(config).param_shapes(), dtype)
+    return _load_hf(directory, TOWER, dtype, config_overrides)
 
 
 def load_hf_two_tower(directory: str | os.PathLike, dtype=np.float32, **config_overrides
                       ) -> tuple[NemotronHConfig, dict]:
     """Loads a TwoTower checkpoint in the release's layout (SPEC §6): (config, {"context", "denoiser"})."""
-    from twotower_jax.two_tower import TwoTower
-
     if checkpoint_kind(directory) != TWO_TOWER:
         raise CheckpointError(f"{directory} is a single-tower checkpoint (backbone.*): it has no denoiser tower, "
                               "so it cannot run diffusion or mock-AR; use --mode ar")
-    config = read_config(directory, config_overrides)
-    return config, read_params(directory, two_tower_rules(config), TwoTower(config).param_shapes(), dtype)
+    return _load_hf(directory, TWO_TOWER, dtype, config_overrides)
 
 
 def write_hf_tensors(directory: str | os.PathLike, config_dict: dict, tensors: Mapping[str, np.ndarray],
@@ -239,7 +228,7 @@ def hf_tensors_from_params(rules: list[TensorRule], params: Mapping) -> dict[str
     """Our params → HF-named tensors (the inverse of `read_params`)."""
     out = {}
     for rule in rules:
-        for name, array in zip(rule.hf_names, rule.to_hf(np.asarray(_get(params, rule.path)))):
+        for name, array in zip(rule.hf_names, rule.to_hf(np.asarray(get_path(params, rule.path)))):
             out[name] = np.ascontiguousarray(array)  # to_hf transposes; safetensors writes raw buffers
     return out
 

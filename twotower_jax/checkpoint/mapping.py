@@ -16,6 +16,20 @@ from twotower_jax.config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
 ParamPath = tuple[str, ...]
 
 
+def get_path(tree, path: ParamPath):
+    """The leaf (or subtree) of a nested dict at `path`."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: ParamPath, value) -> None:
+    """Sets `value` at `path` in a nested dict, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
 def _transpose(arrays):
     return arrays[0].T
 

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from twotower_jax.checkpoint.hf import CheckpointError, read_config_json, rules_and_shapes
-from twotower_jax.checkpoint.mapping import ParamPath, group_of, keeps_float32
+from twotower_jax.checkpoint.mapping import ParamPath, get_path, group_of, keeps_float32, set_path
 from twotower_jax.checkpoint.staging import staged_directory
 from twotower_jax.config import NemotronHConfig, encode_special_floats
 
@@ -34,12 +34,6 @@ ShardingFor = Callable[[ParamPath, jax.ShapeDtypeStruct], Optional[jax.sharding.
 
 def is_orbax_checkpoint(directory: str | os.PathLike) -> bool:
     return (Path(directory) / MANIFEST).is_file()
-
-
-def _set(tree: dict, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def write_orbax_checkpoint(out: str | os.PathLike, kind: str, config: NemotronHConfig,
@@ -67,7 +61,7 @@ def write_orbax_checkpoint(out: str | os.PathLike, kind: str, config: NemotronHC
                 if ".".join(group) in groups:
                     raise ValueError(f"params of group {'.'.join(group)} arrive in two runs; they must be contiguous")
             current = group
-            _set(buffer, path[len(group):], value)
+            set_path(buffer, path[len(group):], value)
             counts["tensors"] += 1
             counts["parameters"] += int(value.size)
             counts["bytes"] += int(value.nbytes)
@@ -91,43 +85,41 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def iter_orbax_groups(directory: str | os.PathLike, sharding_for: Optional[ShardingFor] = None):
-    """Yields (group path, params subtree) one group at a time. Also returns the kind and config first
-    as ("__meta__", (kind, config)) so callers can stream without a second read."""
+def open_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optional[ShardingFor] = None):
+    """Returns (kind, config, groups); `groups` yields (group path, params subtree) one group at a time,
+    each array restored onto `sharding_for(path, ShapeDtypeStruct)` when given, else as host NumPy."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = NemotronHConfig.from_hf_dict(read_config_json(directory))
     kind = manifest["kind"]
     _, shapes = rules_and_shapes(kind, config)
-    stored = np.dtype(manifest["dtype"]) if manifest["dtype"] != "bfloat16" else jax.numpy.bfloat16
-    yield "__meta__", (kind, config)
-    checkpointer = ocp.StandardCheckpointer()
-    for name in manifest["groups"]:
-        group = tuple(name.split("."))
-        subtree = shapes
-        for key in group:
-            subtree = subtree[key]
+    stored = np.dtype(manifest["dtype"])  # "bfloat16" resolves once jax has registered ml_dtypes
 
-        def abstract(path, leaf, group=group):
-            full = group + tuple(k.key for k in path)
-            dtype = np.float32 if keeps_float32(full) else stored
-            struct = jax.ShapeDtypeStruct(leaf.shape, dtype)
-            sharding = sharding_for(full, struct) if sharding_for is not None else None
-            return struct if sharding is None else jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding)
+    def restore_groups():
+        checkpointer = ocp.StandardCheckpointer()
+        for name in manifest["groups"]:
+            group = tuple(name.split("."))
 
-        target = jax.tree_util.tree_map_with_path(abstract, subtree)
-        try:
-            yield group, checkpointer.restore(directory / PARAMS_DIR / name, target)
-        except Exception as e:
-            raise CheckpointError(f"{directory}: cannot restore group {name} ({e})") from e
+            def abstract(path, leaf, group=group):
+                full = group + tuple(k.key for k in path)
+                dtype = np.float32 if keeps_float32(full) else stored
+                sharding = sharding_for(full, jax.ShapeDtypeStruct(leaf.shape, dtype)) if sharding_for else None
+                return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding)
+
+            target = jax.tree_util.tree_map_with_path(abstract, get_path(shapes, group))
+            try:
+                yield group, checkpointer.restore(directory / PARAMS_DIR / name, target)
+            except Exception as e:
+                raise CheckpointError(f"{directory}: cannot restore group {name} ({e})") from e
+
+    return kind, config, restore_groups()
 
 
 def restore_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optional[ShardingFor] = None):
     """Returns (kind, config, params). With `sharding_for(path, ShapeDtypeStruct) -> Sharding`, each array
     is restored straight onto its sharding (no full copy on one device); otherwise as host NumPy arrays."""
-    groups = iter_orbax_groups(directory, sharding_for)
-    _, (kind, config) = next(groups)
+    kind, config, groups = open_orbax_checkpoint(directory, sharding_for)
     params: dict = {}
     for group, tree in groups:
-        _set(params, group, tree)
+        set_path(params, group, tree)
     return kind, config, params
