@@ -168,6 +168,9 @@ def test_mock_ar_equals_ar_when_denoiser_equals_context(equal_towers_checkpoint)
     for a, b in zip(ar.logprobs, mock.logprobs):
         np.testing.assert_allclose(b, a, atol=1e-4)
     assert mock.stats["denoiser_passes"] == 20 and ar.stats["forward_passes"] == 20
+    alone = generate_mock_ar(model, loaded, [prompts[1]], 20)  # batched == the row alone
+    assert alone.tokens[0] == mock.tokens[1]
+    np.testing.assert_allclose(alone.logprobs[0], mock.logprobs[1], atol=1e-4)
 
 
 def test_mock_ar_differs_when_towers_differ(params):
