@@ -50,7 +50,9 @@ def is_heldout_module(name: str) -> bool:
 
 def _normalise(doc: str) -> str:
     # Tabs and trailing spaces vary with how a docstring was typed; runs of blank lines carry nothing.
+    # Control characters become spaces so the stream can use bytes 0x01/0x02 as BOS/EOS sentinels.
     doc = inspect.cleandoc(doc).expandtabs(4)
+    doc = re.sub(r"[\x00-\x09\x0b-\x1f\x7f]", " ", doc)
     doc = "\n".join(line.rstrip() for line in doc.splitlines())
     return re.sub(r"\n{3,}", "\n\n", doc).strip()
 
@@ -65,8 +67,9 @@ def _public_members(module) -> list[tuple[str, object]]:
     if names is None:
         # Without __all__, keep only what the module (or its C accelerator `_name`) defines itself.
         base = module.__name__
+        owners = (base, base.replace(".", "_"))
         names = [n for n, v in vars(module).items() if not n.startswith("_")
-                 and (getattr(v, "__module__", None) or "").lstrip("_") in (base, base.replace(".", "_"))]
+                 and (getattr(v, "__module__", None) or "").lstrip("_") in owners]
     members = [(n, getattr(module, n, None)) for n in sorted(set(names))]
     return [(n, v) for n, v in members if inspect.isclass(v) or inspect.isroutine(v)]
 
