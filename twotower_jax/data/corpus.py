@@ -49,7 +49,7 @@ def is_heldout_module(name: str) -> bool:
 
 
 def _normalise(doc: str) -> str:
-    # Tabs and trailing spaces vary with how a docstring was typed; runs of blank lines carry nothing.
+    # Tabs and trailing spaces vary with how a docstring was typed; blank-line runs carry nothing.
     # Control characters become spaces so the stream can use bytes 0x01/0x02 as BOS/EOS sentinels.
     doc = inspect.cleandoc(doc).expandtabs(4)
     doc = re.sub(r"[\x00-\x09\x0b-\x1f\x7f]", " ", doc)
@@ -62,16 +62,19 @@ def _own_doc(obj) -> str | None:
     return _normalise(doc) if isinstance(doc, str) and doc.strip() else None
 
 
+def _defined_here(obj, module_name: str) -> bool:
+    # Only what the module (or its C accelerator `_name`) defines itself: re-exports would repeat
+    # text, and objects that other code patched in at run time (pytest replaces
+    # threading.excepthook, for one) would make the text depend on what else the process imported.
+    owner = getattr(obj, "__module__", None)
+    return owner is None or owner.lstrip("_") in (module_name, module_name.replace(".", "_"))
+
+
 def _public_members(module) -> list[tuple[str, object]]:
-    names = getattr(module, "__all__", None)
-    if names is None:
-        # Without __all__, keep only what the module (or its C accelerator `_name`) defines itself.
-        base = module.__name__
-        owners = (base, base.replace(".", "_"))
-        names = [n for n, v in vars(module).items() if not n.startswith("_")
-                 and (getattr(v, "__module__", None) or "").lstrip("_") in owners]
+    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
     members = [(n, getattr(module, n, None)) for n in sorted(set(names))]
-    return [(n, v) for n, v in members if inspect.isclass(v) or inspect.isroutine(v)]
+    return [(n, v) for n, v in members if (inspect.isclass(v) or inspect.isroutine(v))
+            and getattr(v, "__module__", None) is not None and _defined_here(v, module.__name__)]
 
 
 def _module_document(name: str) -> str:
@@ -86,7 +89,11 @@ def _module_document(name: str) -> str:
             for attr in sorted(vars(obj)):
                 if attr.startswith("_"):
                     continue
-                if doc := _own_doc(getattr(obj, attr, None)):
+                method = getattr(obj, attr, None)
+                # A data attribute would contribute its type's docstring (str's, int's) over and over.
+                if not (inspect.isroutine(method) or isinstance(method, property)):
+                    continue
+                if _defined_here(method, name) and (doc := _own_doc(method)):
                     parts.append(f"{name}.{member_name}.{attr}:\n{doc}")
     return DOC_SEPARATOR.join(parts)
 
@@ -97,7 +104,8 @@ def _all_documents() -> dict[str, str]:
 
 
 def corpus_documents(split: str = "train") -> list[str]:
-    """The documents (one per module, in ``MODULES`` order) of ``split``: "train", "heldout" or "all"."""
+    """The documents of ``split`` ("train", "heldout" or "all"), one per module, in ``MODULES``
+    order."""
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
     docs = _all_documents()
@@ -116,5 +124,5 @@ def load_corpus(max_bytes: int | None = None, split: str = "train") -> str:
 
 
 def corpus_fingerprint(split: str = "all") -> str:
-    """SHA-256 of the UTF-8 corpus text; differs between CPython versions, recorded as information."""
+    """SHA-256 of the UTF-8 corpus text; may differ between CPython versions (information only)."""
     return hashlib.sha256(load_corpus(split=split).encode("utf-8")).hexdigest()

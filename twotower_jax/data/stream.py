@@ -51,7 +51,7 @@ class TrainingStream:
                  corpus_max_bytes: int | None = None,
                  chunk_bytes: tuple[int, int | None] = (16, None)):
         if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+            raise ValueError(f"seq_len, batch_size must be positive, got {seq_len}, {batch_size}")
         if not 0.0 <= task_fraction <= 1.0:
             raise ValueError(f"task_fraction must lie in [0, 1], got {task_fraction}")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
