@@ -36,7 +36,7 @@ Params = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """Implementation choices that do not change the math (resolved at trace time)."""
-    scan: ScanImpl = "chunked"
+    scan: ScanImpl = "auto"  # pallas on GPU, chunked elsewhere
     moe: MoEImpl = "ragged"
 
 

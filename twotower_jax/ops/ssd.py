@@ -12,6 +12,10 @@ bf16 states overflow over long contexts (SPEC §2, §8).
 `ssd_chunked` is the chunked SSD algorithm (quadratic inside a chunk, recurrent across chunks); it is
 exact for any length (the tail is padded with dt = 0, which leaves the state untouched) and any initial
 state (carried into every chunk with its decay).
+`ssd_pallas` (in `ssd_pallas.py`) is the same chunked algorithm as one Pallas kernel (Triton on GPU).
+
+`ssd_scan` picks one by name: "sequential", "chunked", "pallas", or "auto" (pallas on a GPU backend,
+chunked elsewhere; resolved at trace time).
 """
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-ScanImpl = Literal["chunked", "sequential"]
+ScanImpl = Literal["auto", "chunked", "pallas", "sequential"]
+SCAN_IMPLS: tuple[str, ...] = ("auto", "chunked", "pallas", "sequential")
+# The CLI's --ssd-impl names → ScanImpl.
+SSD_IMPL_NAMES: dict[str, str] = {"reference": "sequential", "xla": "chunked", "pallas": "pallas", "auto": "auto"}
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -30,7 +37,7 @@ def _heads_from_groups(bc: Float[Array, "b l g n"], num_heads: int) -> Float[Arr
     return jnp.repeat(bc, num_heads // bc.shape[2], axis=2)
 
 
-def _check_shapes(x, dt, A, B, C, initial_state):
+def check_shapes(x, dt, A, B, C, initial_state):
     b, l, h, p = x.shape
     n = B.shape[-1]
     if dt.shape != (b, l, h) or A.shape != (h,) or B.shape[:2] != (b, l) or C.shape != B.shape:
@@ -50,7 +57,7 @@ def ssd_sequential(
     initial_state: Float[Array, "b h p n"],
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
     """Reference scan: one step per token. Returns (y, final_state)."""
-    _check_shapes(x, dt, A, B, C, initial_state)
+    check_shapes(x, dt, A, B, C, initial_state)
     f32 = jnp.float32
     x, dt, A = x.astype(f32), dt.astype(f32), A.astype(f32)
     Bh = _heads_from_groups(B.astype(f32), x.shape[2])
@@ -78,7 +85,7 @@ def ssd_chunked(
     chunk_size: int = 128,
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
     """Chunked SSD. Same contract as `ssd_sequential`; any `chunk_size` gives the same math."""
-    _check_shapes(x, dt, A, B, C, initial_state)
+    check_shapes(x, dt, A, B, C, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     f32 = jnp.float32
@@ -128,10 +135,21 @@ def ssd_chunked(
     return y, final_state
 
 
-def ssd_scan(x, dt, A, B, C, initial_state, *, impl: ScanImpl = "chunked", chunk_size: int = 128):
-    """Dispatches to one scan implementation (resolved at trace time)."""
+def resolve_scan_impl(impl: str) -> str:
+    """"auto" → "pallas" when the default backend is a GPU, else "chunked"; other names are checked."""
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"unknown scan impl {impl!r}; expected one of {', '.join(map(repr, SCAN_IMPLS))}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "chunked"
+    return impl
+
+
+def ssd_scan(x, dt, A, B, C, initial_state, *, impl: ScanImpl = "auto", chunk_size: int = 128):
+    """Dispatches to one scan implementation (resolved at trace time). Shapes as `ssd_sequential`."""
+    impl = resolve_scan_impl(impl)
     if impl == "chunked":
         return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
-    if impl == "sequential":
-        return ssd_sequential(x, dt, A, B, C, initial_state)
-    raise ValueError(f"unknown scan impl {impl!r}; expected 'chunked' or 'sequential'")
+    if impl == "pallas":
+        from twotower_jax.ops.ssd_pallas import ssd_pallas  # imports this module: import on use
+        return ssd_pallas(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
+    return ssd_sequential(x, dt, A, B, C, initial_state)
