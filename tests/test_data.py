@@ -157,6 +157,7 @@ def test_score_and_accuracy():
         assert not score(t, wrong)
     ids = tok.encode("cba")
     assert score(t, ids + [EOS_ID] + tok.encode("garbage"))
+    assert score(t, ids + tok.encode("\nzzz") + [EOS_ID])  # a newline ends it as EOS does
     assert score(t, np.array(ids + [EOS_ID, MASK_ID, 300 % 260]))
     assert score(t, ids)
     assert not score(t, ids[:2] + [MASK_ID] + ids[2:] + [EOS_ID])  # a stray MASK is not skipped

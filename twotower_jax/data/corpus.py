@@ -90,7 +90,7 @@ def _module_document(name: str) -> str:
                 if attr.startswith("_"):
                     continue
                 method = getattr(obj, attr, None)
-                # A data attribute would contribute its type's docstring (str's, int's) over and over.
+                # A data attribute would repeat its type's docstring (str's, int's) over and over.
                 if not (inspect.isroutine(method) or isinstance(method, property)):
                     continue
                 if _defined_here(method, name) and (doc := _own_doc(method)):
