@@ -26,23 +26,9 @@ from twotower_jax.checkpoint.mapping import group_of
 from twotower_jax.checkpoint.orbax_io import open_orbax_checkpoint, write_orbax_checkpoint
 from twotower_jax.checkpoint.staging import staged_directory
 from twotower_jax.config import ConfigError, encode_special_floats
+from twotower_jax.progress import Progress
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-
-
-class Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled
-
-    def step(self, *_):
-        self.done += 1
-        if self.enabled:
-            filled = 40 * self.done // max(self.total, 1)
-            print(f"\r[{'#' * filled}{'.' * (40 - filled)}] {self.done}/{self.total} params", end="", file=sys.stderr)
-            if self.done == self.total:
-                print(file=sys.stderr)
 
 
 def peak_rss_mb() -> float:
@@ -57,7 +43,7 @@ def convert_hf_to_orbax(hf_dir, out, dtype: str = "bfloat16", overwrite: bool = 
     source = open_source(hf_dir)
     kind = kind_of_names(source.names())
     rules, shapes = rules_and_shapes(kind, config)
-    bar = Progress(len(rules), progress)
+    bar = Progress(len(rules), progress, unit="params")
     counts = write_orbax_checkpoint(out, kind, config, iter_params(source, rules, shapes, DTYPES[dtype]), dtype,
                                     overwrite=overwrite, on_param=bar.step)
     return {"direction": "hf->orbax", "kind": kind, **counts, "seconds": round(time.perf_counter() - start, 3),

@@ -63,3 +63,13 @@ def init_cache(config: NemotronHConfig, batch_size: int, capacity: int, dtype=jn
             layers.append(None)
     return TowerCache(layers=tuple(layers), key_valid=jnp.zeros((batch_size, capacity), bool),
                       length=jnp.zeros((), jnp.int32))
+
+
+@struct.dataclass
+class BlockwiseContext:
+    """What the context tower hands the denoiser in the parallel training pass (SPEC §5), for a clean
+    sequence of N blocks of `block_size`: per layer, `AttentionCache` with K/V of all N·S positions,
+    `MambaCache` with the state *before* each block, conv (b, N, k1, c) and ssm (b, N, h, p, n) (block 0:
+    zeros), or None."""
+    layers: tuple
+    block_size: int = struct.field(pytree_node=False)

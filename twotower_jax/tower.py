@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from twotower_jax.cache import LayerCache, TowerCache, init_cache
+from twotower_jax.cache import BlockwiseContext, LayerCache, MambaCache, TowerCache, init_cache
 from twotower_jax.config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
 from twotower_jax.layers.adaln import TimestepEmbedder, modulate
 from twotower_jax.layers.attention import Attention
@@ -52,6 +52,9 @@ class Block(nn.Module):
 
     `cross=True`: the layer cache belongs to the context tower and is only read (attention over
     [context K/V ; own], Mamba seeded from the context state); the returned cache is then meaningless.
+    With `block_size` S as well, h is a whole training sequence of N blocks (SPEC §5, parallel form):
+    the attention cache holds the context K/V of all N·S positions (masked block-wise), and the Mamba
+    cache holds one seed state per block, shaped (b, N, ...): each block is scanned as its own sequence.
     """
     config: NemotronHConfig
     layer_type: str
@@ -61,7 +64,8 @@ class Block(nn.Module):
     adaln: bool = False
 
     @nn.compact
-    def __call__(self, h, cache: LayerCache, valid, start, key_valid, t_cond=None, cross: bool = False):
+    def __call__(self, h, cache: LayerCache, valid, start, key_valid, t_cond=None, cross: bool = False,
+                 block_size: Optional[int] = None):
         cfg = self.config
         norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm")
         gate = None
@@ -80,9 +84,13 @@ class Block(nn.Module):
             x = norm(h)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="mixer")
         if self.layer_type == MAMBA:
-            out, cache = Mamba2Mixer(cfg, scan_impl=self.impl.scan, **kw)(x, cache, valid)
+            mixer = Mamba2Mixer(cfg, scan_impl=self.impl.scan, **kw)
+            if block_size is None:
+                out, cache = mixer(x, cache, valid)
+            else:
+                out = _per_block(mixer, x, cache, valid, block_size)
         elif self.layer_type == ATTENTION:
-            out, cache = Attention(cfg, **kw)(x, cache, start, key_valid, cross=cross)
+            out, cache = Attention(cfg, **kw)(x, cache, start, key_valid, cross=cross, block_size=block_size)
         elif self.layer_type == MOE:
             out = MoE(cfg, impl=self.impl.moe, **kw)(x)
         elif self.layer_type == MLP:
@@ -91,6 +99,17 @@ class Block(nn.Module):
             raise ValueError(f"unknown layer type {self.layer_type!r}")
         out = out.astype(h.dtype)
         return h + (out if gate is None else gate * out), cache
+
+
+def _per_block(mixer: Mamba2Mixer, x, seeds: MambaCache, valid, block_size: int):
+    """Runs a Mamba mixer over each block of `block_size` positions as an independent sequence started
+    from that block's seed state (seeds shaped (b, N, ...)); returns the output (b, N·S, d)."""
+    b, length, d = x.shape
+    n = length // block_size
+    flat = MambaCache(conv=seeds.conv.reshape(b * n, *seeds.conv.shape[2:]),
+                      ssm=seeds.ssm.reshape(b * n, *seeds.ssm.shape[2:]))
+    out, _ = mixer(x.reshape(b * n, block_size, d), flat, valid.reshape(b * n, block_size))
+    return out.reshape(b, length, -1)
 
 
 class NemotronHTower(nn.Module):
@@ -130,6 +149,18 @@ class NemotronHTower(nn.Module):
         valid = jnp.ones(tokens.shape, bool)
         for block, context_layer in zip(self.layers, context.layers):
             h, _ = block(h, context_layer, valid, None, context.key_valid, t_cond=t_cond, cross=True)
+        return self.lm_head(self.norm_f(h)).astype(jnp.float32)
+
+    def denoise_blockwise(self, tokens: Int[Array, "b l"], context: BlockwiseContext, t: Float[Array, "b"]
+                          ) -> Float[Array, "b l v"]:
+        """Training form of `denoise` (SPEC §5): all N blocks of a noised sequence in one pass, each block
+        reading the context tower as the sampler would after the blocks before it. Float32 logits."""
+        h = self.embeddings(tokens)
+        t_cond = self.t_block_1(nn.silu(self.t_embedder(t)))
+        valid = jnp.ones(tokens.shape, bool)
+        for block, context_layer in zip(self.layers, context.layers):
+            h, _ = block(h, context_layer, valid, None, None, t_cond=t_cond, cross=True,
+                         block_size=context.block_size)
         return self.lm_head(self.norm_f(h)).astype(jnp.float32)
 
     def __call__(self, tokens: Int[Array, "b l"], cache: TowerCache, valid: Optional[Bool[Array, "b l"]] = None):

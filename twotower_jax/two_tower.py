@@ -75,3 +75,17 @@ def two_tower_params_from_tower(tower_params: Params, adaln_params: Params) -> P
         if name.startswith("layers_"):
             denoiser[name] = {**denoiser[name], "scale_shift_table": layer["scale_shift_table"]}
     return {"context": tower_params, "denoiser": denoiser}
+
+
+def identity_adaln_params(model: TwoTower, rng: jax.Array) -> Params:
+    """adaLN params under which a denoiser layer starts as the plain AR layer: `t_block_1` zero (so the
+    conditioning is the table alone) and every `scale_shift_table` = (shift 0, scale 0, gate 1).
+    `t_embedder` keeps its random init, so gradients reach it once `t_block_1` moves off zero."""
+    denoiser = model.init_params(rng)["denoiser"]
+    adaln = {"t_embedder": denoiser["t_embedder"],
+             "t_block_1": jax.tree.map(jnp.zeros_like, denoiser["t_block_1"])}
+    for name, layer in denoiser.items():
+        if name.startswith("layers_"):
+            table = layer["scale_shift_table"]
+            adaln[name] = {"scale_shift_table": jnp.zeros_like(table).at[2].set(1)}
+    return adaln

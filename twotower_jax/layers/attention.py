@@ -1,6 +1,8 @@
 """Grouped-query attention with no positional encoding, reading and writing a slot-indexed KV cache."""
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,15 @@ def gqa_attention(
     return out.reshape(b, length, hq, d).astype(q.dtype)
 
 
+def blockwise_cross_mask(length: int, block_size: int) -> Bool[Array, "l 2l"]:
+    """Visibility over keys [context (l) ; own (l)] for queries of a sequence cut into blocks of
+    `block_size`: context keys of earlier blocks, own keys of the same block."""
+    block = jnp.arange(length) // block_size
+    sees_context = block[None, :] < block[:, None]
+    sees_own = block[None, :] == block[:, None]
+    return jnp.concatenate([sees_context, sees_own], axis=1)
+
+
 class Attention(nn.Module):
     config: NemotronHConfig
     dtype: jnp.dtype = jnp.float32
@@ -38,13 +49,17 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "b l d"], cache: AttentionCache, start: Int[Array, ""],
-                 key_valid: Bool[Array, "b s"], cross: bool = False):
+                 key_valid: Bool[Array, "b s"], cross: bool = False, block_size: Optional[int] = None):
         """Causal mode: writes this chunk's K/V at slots start..start+l-1 and attends causally over all
         valid slots (`key_valid` already includes this chunk). Returns (out (b, l, d), new cache).
 
         Cross mode (the denoiser reading the context tower): `cache` is the other tower's K/V, read only;
         keys are [its valid slots ; this chunk's own k/v] with no mask inside the chunk (bidirectional).
         `start` is unused and the cache comes back unchanged.
+
+        Cross mode with `block_size` S (the parallel training form, SPEC §5): x is a whole sequence of
+        L = N·S positions and `cache` holds the context tower's K/V for the same L positions; a query in
+        block n sees context keys of blocks 0..n−1 and its own block's keys (bidirectionally), nothing else.
         """
         cfg = self.config
         b, length, _ = x.shape
@@ -55,7 +70,11 @@ class Attention(nn.Module):
         q = q.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim).astype(cache.k.dtype)
         v = v.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim).astype(cache.v.dtype)
-        if cross:
+        if cross and block_size is not None:
+            k_all = jnp.concatenate([cache.k, k], axis=1)
+            v_all = jnp.concatenate([cache.v, v], axis=1)
+            mask = blockwise_cross_mask(length, block_size)[None]
+        elif cross:
             k_all = jnp.concatenate([cache.k, k], axis=1)
             v_all = jnp.concatenate([cache.v, v], axis=1)
             visible = jnp.concatenate([key_valid, jnp.ones((b, length), bool)], axis=1)

@@ -1,0 +1,171 @@
+"""The training loop: optax AdamW on a warmup-stable-decay schedule with gradient clipping, orbax
+`CheckpointManager` saves, exact resume, JSON-lines metrics and a progress bar.
+
+A loss has the signature `loss_fn(trainable, frozen, tokens, rng) -> (loss, metrics)`. Only `trainable`
+gets gradients and updates; `frozen` (the context tower when training the denoiser) is passed through
+unchanged. Exact resume rests on two facts: the batch of step s is a pure function of s (`batch_fn(s)`),
+and so is its RNG key (`fold_in(key(seed), s)`); a resumed run restores params and optimizer state saved
+after step s and then computes exactly what the uninterrupted run computed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from twotower_jax.progress import Progress
+
+LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. The schedule warms up linearly to `peak_lr`, holds it, and spends the last
+    `decay_fraction` of the steps decaying linearly to `final_lr` (warmup-stable-decay)."""
+    steps: int
+    peak_lr: float = 1e-3
+    final_lr: float = 1e-5
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    seed: int = 0
+    save_every: int = 200
+    log_every: int = 10
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps={self.steps} must be >= 1")
+        if not 0 <= self.warmup_steps <= self.steps:
+            problems.append(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            problems.append(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if self.peak_lr <= 0 or self.final_lr < 0:
+            problems.append(f"learning rates must be positive (peak_lr={self.peak_lr}, final_lr={self.final_lr})")
+        if self.save_every < 1 or self.log_every < 1:
+            problems.append("save_every and log_every must be >= 1")
+        if problems:
+            raise ValueError("bad TrainConfig: " + "; ".join(problems))
+
+
+def wsd_schedule(cfg: TrainConfig) -> optax.Schedule:
+    decay_steps = int(round(cfg.decay_fraction * cfg.steps))
+    stable_steps = max(cfg.steps - cfg.warmup_steps - decay_steps, 0)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.peak_lr, max(cfg.warmup_steps, 1)),
+         optax.constant_schedule(cfg.peak_lr),
+         optax.linear_schedule(cfg.peak_lr, cfg.final_lr, max(decay_steps, 1))],
+        boundaries=[cfg.warmup_steps, cfg.warmup_steps + stable_steps])
+
+
+def _decays(params) -> Any:
+    """Weight decay on weight matrices only: not on norms, biases, A_log, D, dt_bias or adaLN tables."""
+    def decays(path, x):
+        return x.ndim >= 2 and getattr(path[-1], "key", None) != "scale_shift_table"
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(wsd_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decays))
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(loss_fn: LossFn, cfg: TrainConfig):
+    """(params, opt_state, frozen, tokens, rng, step) → (params, opt_state, metrics), jitted; cached per
+    (loss, config) so a resumed or repeated run in the same process reuses the compiled step."""
+    optimizer, schedule = make_optimizer(cfg), wsd_schedule(cfg)
+
+    def train_step(params, opt_state, frozen, tokens, rng, step):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, tokens, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+        return params, opt_state, metrics
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; on resume, drops records past the restored step so
+    the file always describes one run."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _to_float(tree) -> dict:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def train(loss_fn: LossFn, params: Any, frozen: Any, batch_fn: Callable[[int], np.ndarray], cfg: TrainConfig,
+          workdir: str | Path, *, stop_after: Optional[int] = None, progress: Optional[bool] = None,
+          on_log: Optional[Callable[[dict], None]] = None) -> Any:
+    """Trains `params` for `cfg.steps` steps (resuming from the newest checkpoint in `workdir` if any) and
+    returns the final params. Saves every `save_every` steps and at the end; logs every `log_every`.
+
+    `stop_after=k` stops after step k as an interruption would (after saving), for tests and for
+    splitting long runs. Steps are numbered 1..steps; step s trains on `batch_fn(s - 1)`.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # A private copy: the jitted step donates its params buffers, and the caller's must stay valid.
+    params = jax.tree.map(jnp.array, params)
+    opt_state = make_optimizer(cfg).init(params)
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
+    done = 0
+    with ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).absolute(), options=options) as manager:
+        latest = manager.latest_step()
+        if latest is not None:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+            state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+            params, opt_state, done = state["params"], state["opt_state"], latest
+        log = MetricsLog(workdir / METRICS_FILE, done)
+        step_fn = make_train_step(loss_fn, cfg)
+        base_key = jax.random.key(cfg.seed)
+        last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        bar = Progress(cfg.steps, progress, unit="steps", start=done)
+        started = time.perf_counter()
+        for step in range(done + 1, last + 1):
+            tokens = jnp.asarray(batch_fn(step - 1))
+            params, opt_state, metrics = step_fn(params, opt_state, frozen, tokens,
+                                                 jax.random.fold_in(base_key, step), step - 1)
+            if step % cfg.log_every == 0 or step == last:
+                record = {"step": step, **_to_float(metrics), "seconds": round(time.perf_counter() - started, 3)}
+                log.write(record)
+                if on_log is not None:
+                    on_log(record)
+                bar.update(step, f"loss {record['loss']:.4f}")
+            if step % cfg.save_every == 0 or step == last:
+                manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+        manager.wait_until_finished()
+    return params

@@ -1,0 +1,113 @@
+"""Training objectives: plain next-token AR loss for a tower, and the TwoTower denoiser's block-wise
+masked-diffusion loss in its parallel form (SPEC §5).
+
+Diffusion, one training sequence of L = N·S tokens:
+  1. the frozen context tower runs over the clean sequence once (no gradient), keeping the K/V of all
+     positions and each Mamba layer's conv/SSM state at every block boundary (`blockwise_context`);
+  2. per example t ~ U[t_min, 1]; each token is replaced by MASK with probability t (`noise_tokens`);
+  3. the denoiser runs over the noised sequence in one pass (`NemotronHTower.denoise_blockwise`):
+     block n attends to context blocks 0..n−1 and to itself, and its Mamba layers start from the context
+     state at the end of block n−1 — exactly what the sampler gives block n at inference;
+  4. loss = mean cross-entropy over the masked positions, labels = the clean tokens at the same position,
+     no 1/t weighting.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int
+
+from twotower_jax.cache import AttentionCache, BlockwiseContext, MambaCache
+from twotower_jax.tower import NemotronH, NemotronHTower, Params
+from twotower_jax.two_tower import TwoTower
+
+T_MIN = 1e-3
+
+
+def _check_sequence(tokens, block_size: int) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"training tokens must be (batch, length), got shape {tokens.shape}")
+    if block_size < 1 or tokens.shape[1] % block_size:
+        raise ValueError(f"sequence length {tokens.shape[1]} must be a positive multiple of block_size {block_size}")
+
+
+def blockwise_context(model: NemotronH, params: Params, tokens: Int[Array, "b l"], block_size: int
+                      ) -> BlockwiseContext:
+    """The context tower over a clean sequence, block by block through the same cache-extension path
+    the sampler uses; returns its K/V for all positions and its Mamba states before every block.
+    Wrapped in `stop_gradient`: the context tower is frozen."""
+    _check_sequence(tokens, block_size)
+    b, length = tokens.shape
+    n = length // block_size
+    module = model.module
+    blocks = tokens.reshape(b, n, block_size).swapaxes(0, 1)   # (n, b, S)
+
+    def extend(cache, block_tokens):
+        before = tuple(layer if isinstance(layer, MambaCache) else None for layer in cache.layers)
+        _, cache = module.apply({"params": params}, block_tokens, cache, method=NemotronHTower.hidden_states)
+        return cache, before
+
+    cache, seeds = jax.lax.scan(extend, model.init_cache(b, length), blocks)
+    layers = []
+    for final, seed in zip(cache.layers, seeds):
+        if isinstance(final, AttentionCache):
+            layers.append(final)
+        elif isinstance(final, MambaCache):   # scan stacks on axis 0: (n, b, ...) -> (b, n, ...)
+            layers.append(MambaCache(conv=seed.conv.swapaxes(0, 1), ssm=seed.ssm.swapaxes(0, 1)))
+        else:
+            layers.append(None)
+    return jax.lax.stop_gradient(BlockwiseContext(layers=tuple(layers), block_size=block_size))
+
+
+def noise_tokens(rng: jax.Array, tokens: Int[Array, "b l"], mask_token_id: int, t_min: float = T_MIN
+                 ) -> tuple[Int[Array, "b l"], Bool[Array, "b l"], Float[Array, "b"]]:
+    """Linear-schedule masking: t ~ U[t_min, 1] per example, each token masked with probability t.
+    Returns (noisy tokens, masked positions, t)."""
+    t_rng, mask_rng = jax.random.split(rng)
+    t = jax.random.uniform(t_rng, (tokens.shape[0],), jnp.float32, t_min, 1.0)
+    masked = jax.random.uniform(mask_rng, tokens.shape) < t[:, None]
+    return jnp.where(masked, mask_token_id, tokens), masked, t
+
+
+def denoiser_logits(model: TwoTower, denoiser_params: Params, noisy: Int[Array, "b l"],
+                    context: BlockwiseContext, t: Float[Array, "b"]) -> Float[Array, "b l v"]:
+    """The denoiser's float32 logits for every block of a noised sequence, in one pass."""
+    return model.denoiser_module.apply({"params": denoiser_params}, noisy, context, t,
+                                       method=NemotronHTower.denoise_blockwise)
+
+
+def masked_mean(values: Float[Array, "..."], weights: Bool[Array, "..."]) -> Float[Array, ""]:
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(values * weights) / jnp.maximum(weights.sum(), 1.0)
+
+
+def diffusion_loss(denoiser_params: Params, context_params: Params, tokens: Int[Array, "b l"],
+                   rng: jax.Array, *, model: TwoTower, block_size: int, mask_token_id: int,
+                   t_min: float = T_MIN) -> tuple[Float[Array, ""], dict[str, Any]]:
+    """Mean cross-entropy over masked positions (no 1/t). Returns (loss, metrics)."""
+    _check_sequence(tokens, block_size)
+    noisy, masked, t = noise_tokens(rng, tokens, mask_token_id, t_min)
+    context = blockwise_context(model.context, context_params, tokens, block_size)
+    logits = denoiser_logits(model, denoiser_params, noisy, context, t)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+    loss = masked_mean(ce, masked)
+    accuracy = masked_mean(jnp.argmax(logits, -1) == tokens, masked)
+    return loss, {"loss": loss, "masked_accuracy": accuracy, "masked_fraction": masked.mean()}
+
+
+def ar_loss(params: Params, frozen: Any, tokens: Int[Array, "b l"], rng: jax.Array, *, model: NemotronH
+            ) -> tuple[Float[Array, ""], dict[str, Any]]:
+    """Next-token cross-entropy of a tower over packed sequences (every position predicts the next).
+    `frozen` and `rng` are unused; they keep the signature of every training loss."""
+    del frozen, rng
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"AR training tokens must be (batch, length >= 2), got shape {tokens.shape}")
+    logits, _ = model.module.apply({"params": params}, tokens, model.init_cache(*tokens.shape))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+    loss = ce.mean()
+    accuracy = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]).mean()
+    return loss, {"loss": loss, "accuracy": accuracy}
+
