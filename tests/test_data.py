@@ -238,3 +238,23 @@ def test_stream_speed():
         times.append(time.perf_counter() - t0)
     # Target is < 5 ms on an idle core; the bound is loose because the CPU here is shared.
     assert np.median(times) < 0.025
+
+
+def test_block_aligned_stream_starts_answers_on_block_boundaries():
+    from twotower_jax.data import TrainingStream
+    equals = ByteTokenizer().encode("=")[0]
+    batch = TrainingStream(128, 4, seed=3, task_fraction=1.0, block_size=16).batch(0)
+    ends = 0
+    for row in batch:
+        for p in np.flatnonzero(row == equals):
+            assert (p + 1) % 16 == 0            # the answer starts a block
+            if p + 1 == len(row):
+                continue
+            answer_end = p + 1 + int(np.argmax(row[p + 1:] == EOS_ID))
+            if answer_end < len(row) - 16:
+                block_end = (answer_end // 16 + 1) * 16
+                assert np.all(row[answer_end:block_end] == EOS_ID)   # then only EOS to the block's end
+                ends += 1
+    assert ends > 5
+    with pytest.raises(ValueError, match="block_size"):
+        TrainingStream(128, 4, block_size=0)

@@ -6,6 +6,11 @@ document of a row loses its tail; nothing is padded):
     task document:    [BOS] prompt answer [EOS]      e.g. [BOS] "reverse abc=cba" [EOS]
     corpus document:  [BOS] chunk [EOS]              chunk = a random slice of the train corpus
 
+With ``block_size`` S, task documents are laid out the way block diffusion generates them: EOS
+filler before ``[BOS] prompt`` so that the answer starts on a multiple of S, and EOS filler after
+``answer [EOS]`` up to the next multiple of S. The denoiser then trains on exactly what it meets at
+inference (the first block after a prompt holds the answer and then nothing but EOS).
+
 Which kind comes next is decided by a running token count over the batch: a task whenever the
 task tokens so far are below ``task_fraction`` of all tokens so far. So ``task_fraction`` is the
 share of task tokens per batch (up to one document), 1.0 gives tasks only, 0.0 corpus only.
@@ -44,12 +49,13 @@ class TrainingStream:
       corpus_max_bytes: use only this prefix of the train corpus (None: all of it).
       chunk_bytes: (min, max) length of a corpus chunk; max defaults to ``seq_len - 2`` so a whole
         document fits one row.
+      block_size: if given, align task answers to blocks of this size (see the module docstring).
     """
 
     def __init__(self, seq_len: int, batch_size: int, seed: int = 0,
                  task_kinds: Sequence[str] = TASK_KINDS, task_fraction: float = 1.0,
                  corpus_max_bytes: int | None = None,
-                 chunk_bytes: tuple[int, int | None] = (16, None)):
+                 chunk_bytes: tuple[int, int | None] = (16, None), block_size: int | None = None):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len, batch_size must be positive, got {seq_len}, {batch_size}")
         if not 0.0 <= task_fraction <= 1.0:
@@ -57,6 +63,9 @@ class TrainingStream:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.task_kinds = _checked_kinds(task_kinds)
         self.task_fraction = float(task_fraction)
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
         lo, hi = chunk_bytes
         self.chunk_bytes = (lo, max(lo, seq_len - 2) if hi is None else hi)
         if not 1 <= self.chunk_bytes[0] <= self.chunk_bytes[1]:
@@ -69,10 +78,18 @@ class TrainingStream:
             if len(self._corpus) < self.chunk_bytes[1]:
                 raise ValueError(f"corpus ({len(self._corpus)} bytes) is shorter than a chunk")
 
-    def _task_docs(self, rng: np.random.Generator) -> list[bytes]:
+    def _task_docs(self, rng: np.random.Generator) -> list[tuple[bytes, bytes]]:
+        """(``[BOS] prompt``, ``answer [EOS]``) pairs."""
         kinds = [self.task_kinds[k] for k in rng.integers(0, len(self.task_kinds), _DRAW).tolist()]
-        return [_BOS_BYTE + (t.prompt + t.answer).encode() + _EOS_BYTE
+        return [(_BOS_BYTE + t.prompt.encode(), t.answer.encode() + _EOS_BYTE)
                 for t in draw_tasks(rng, kinds, "train")]
+
+    def _lay_out(self, row_length: int, prompt: bytes, answer: bytes) -> bytes:
+        if self.block_size is None:
+            return prompt + answer
+        before = -(row_length + len(prompt)) % self.block_size
+        after = -len(answer) % self.block_size
+        return _EOS_BYTE * before + prompt + answer + _EOS_BYTE * after
 
     def _corpus_docs(self, rng: np.random.Generator) -> list[bytes]:
         lengths = rng.integers(self.chunk_bytes[0], self.chunk_bytes[1] + 1, _DRAW)
@@ -94,7 +111,10 @@ class TrainingStream:
                 queue = tasks if is_task else chunks
                 if not queue:
                     queue.extend(self._task_docs(rng) if is_task else self._corpus_docs(rng))
-                doc = queue.pop()[: self.seq_len - len(row)]
+                doc = queue.pop()
+                if is_task:
+                    doc = self._lay_out(len(row), *doc)
+                doc = doc[: self.seq_len - len(row)]
                 row += doc
                 if is_task:
                     task_tokens += len(doc)
