@@ -175,7 +175,7 @@ def ssd_pallas(
     C: Float[Array, "b l g n"],
     initial_state: Float[Array, "b h p n"],
     *,
-    chunk_size: int = 64,
+    chunk_size: int = 128,
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
     """Chunked SSD in one Pallas kernel. Returns (y, final_state), both float32.
