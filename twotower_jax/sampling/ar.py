@@ -1,92 +1,131 @@
 """One token per step: AR generation with a tower (`generate_ar`) and TwoTower's mock-AR
-(`generate_mock_ar`), sharing one on-device `lax.while_loop`.
+(`generate_mock_ar`), sharing one token loop.
 
 Batches of left-padded prompts; per-row EOS stop (finished rows emit pad with log-prob 0 and are cut on
 the host); per-row random streams (a row samples the same alone as in any batch).
+
+Placements (`twotower_jax.sharding`): `single` and `sharded` compile the whole generation, loop
+included, as one program. AR needs only the context tower, so `towers` runs it whole on the context
+tower's device. Mock-AR on `towers` alternates the towers every token: a compiled context-extend piece on
+device 0 and a compiled denoise-and-pick piece on device 1, with the context cache sent to device 1 and
+the token back to device 0 in between (see `_mock_ar_towers` for why this design).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, Optional, Sequence, Union
+import time
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from twotower_jax.cache import init_cache
+from twotower_jax.sampling.placed import compile_pieces, on, placed_model, run_placed
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
-from twotower_jax.sampling.timing import compile_and_run
 from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, select_tokens, token_logprobs
+from twotower_jax.sharding import PlacementLike, make_mesh, replicated, resolve, tower_mesh
 from twotower_jax.tower import NemotronH, Params
 from twotower_jax.two_tower import TwoTower
 
 _STATIC = ("model", "max_new_tokens", "sampling", "eos_token_id")
 
 
-def _token_loop(first_logits, advance: Callable, carry, seeds, *, max_new_tokens: int, sampling: SamplingParams,
-                eos_token_id: Optional[int], pad: int):
-    """Picks a token from `first_logits`, then `advance(carry, token) -> (next logits, carry)` until
-    `max_new_tokens` or every row hit EOS. Returns (tokens (b, n), log-probs (b, n), lengths (b,), advances)."""
-    batch = first_logits.shape[0]
-    keys = row_keys(seeds)
+class TokenState(NamedTuple):
+    """The token loop's state: next step index, last token (b,), outputs (b, n), log-probs (b, n),
+    finished rows (b,), their lengths (b,)."""
+    step: jax.Array
+    last: jax.Array
+    out: jax.Array
+    out_logp: jax.Array
+    done: jax.Array
+    lengths: jax.Array
 
-    def pick(step_logits, step, done):
-        tok = select_tokens(step_logits, fold_rows(keys, step), sampling)
+
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos_token_id: Optional[int]
+    pad: int
+
+    def pick(self, step_logits, keys, step, done):
+        tok = select_tokens(step_logits, fold_rows(keys, step), self.sampling)
         logp = token_logprobs(step_logits, tok)
-        tok = jnp.where(done, pad, tok)
+        tok = jnp.where(done, self.pad, tok)
         logp = jnp.where(done, 0.0, logp)
-        now_done = done | (tok == eos_token_id) if eos_token_id is not None else done
+        now_done = done | (tok == self.eos_token_id) if self.eos_token_id is not None else done
         return tok, logp, now_done
 
-    first, first_logp, done = pick(first_logits, 0, jnp.zeros((batch,), bool))
-    out = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
-    out_logp = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_logp)
-    lengths = jnp.where(done, 1, max_new_tokens).astype(jnp.int32)
+    def start(self, first_logits, keys) -> TokenState:
+        batch = first_logits.shape[0]
+        first, first_logp, done = self.pick(first_logits, keys, 0, jnp.zeros((batch,), bool))
+        out = jnp.full((batch, self.max_new_tokens), self.pad, jnp.int32).at[:, 0].set(first)
+        out_logp = jnp.zeros((batch, self.max_new_tokens), jnp.float32).at[:, 0].set(first_logp)
+        lengths = jnp.where(done, 1, self.max_new_tokens).astype(jnp.int32)
+        return TokenState(jnp.int32(1), first, out, out_logp, done, lengths)
 
-    def cond(state):
-        step, _, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def running(self, s: TokenState):
+        return (s.step < self.max_new_tokens) & ~jnp.all(s.done)
+
+    def step(self, s: TokenState, step_logits, keys) -> TokenState:
+        tok, logp, now_done = self.pick(step_logits, keys, s.step, s.done)
+        return TokenState(s.step + 1, tok,
+                          jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step)),
+                          jax.lax.dynamic_update_slice(s.out_logp, logp[:, None], (0, s.step)),
+                          now_done, jnp.where(now_done & ~s.done, s.step + 1, s.lengths))
+
+    @staticmethod
+    def finish(s: TokenState):
+        # Rows that never hit EOS stopped where the loop stopped.
+        return s.out, s.out_logp, jnp.where(s.done, s.lengths, s.step), s.step - 1
+
+
+def _token_loop(first_logits, advance: Callable, carry, seeds, rules: _Rules):
+    """Picks a token from `first_logits`, then `advance(carry, token) -> (next logits, carry)` until
+    `max_new_tokens` or every row hit EOS. Returns (tokens (b, n), log-probs (b, n), lengths (b,), advances)."""
+    keys = row_keys(seeds)
 
     def body(state):
-        step, last, out, out_logp, done, lengths, carry = state
-        step_logits, carry = advance(carry, last)
-        tok, logp, now_done = pick(step_logits, step, done)
-        lengths = jnp.where(now_done & ~done, step + 1, lengths)
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-        out_logp = jax.lax.dynamic_update_slice(out_logp, logp[:, None], (0, step))
-        return step + 1, tok, out, out_logp, now_done, lengths, carry
+        s, carry = state
+        step_logits, carry = advance(carry, s.last)
+        return rules.step(s, step_logits, keys), carry
 
-    state = (jnp.int32(1), first, out, out_logp, done, lengths, carry)
-    step, _, out, out_logp, done, lengths, _ = jax.lax.while_loop(cond, body, state)
-    # Rows that never hit EOS stopped where the loop stopped.
-    return out, out_logp, jnp.where(done, lengths, step), step - 1
+    s, _ = jax.lax.while_loop(lambda state: rules.running(state[0]), body, (rules.start(first_logits, keys), carry))
+    return rules.finish(s)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+def _rules(model, max_new_tokens, sampling, eos_token_id):
+    return _Rules(max_new_tokens, sampling, eos_token_id, model.config.pad_token_id)
+
+
 def ar_loop(params: Params, tokens, valid, seeds, *, model: NemotronH, max_new_tokens: int,
             sampling: SamplingParams, eos_token_id: Optional[int]):
-    """Prefill, then one cached decode step per token."""
+    """Prefill, then one cached decode step per token (traced inside `run_placed`'s jit)."""
     logits, cache = model.prefill(params, tokens, valid, capacity=tokens.shape[1] + max_new_tokens - 1)
 
     def advance(cache, token):
         return model.decode_step(params, token, cache)
 
-    return _token_loop(logits[:, -1], advance, cache, seeds, max_new_tokens=max_new_tokens, sampling=sampling,
-                       eos_token_id=eos_token_id, pad=model.config.pad_token_id)
+    return _token_loop(logits[:, -1], advance, cache, seeds, _rules(model, max_new_tokens, sampling, eos_token_id))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+def _context_prefix(params: Params, tokens, valid, *, model: TwoTower, max_new_tokens: int):
+    """Mock-AR's context cache: the prompt minus its last token (which the denoiser reads first)."""
+    batch, prompt_len = tokens.shape
+    capacity = prompt_len + max_new_tokens
+    if prompt_len > 1:
+        return model.context.prefill(params["context"], tokens[:, :-1], valid[:, :-1], capacity=capacity)[1]
+    return init_cache(model.config, batch, capacity, model.dtype)
+
+
 def mock_ar_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max_new_tokens: int,
                  sampling: SamplingParams, eos_token_id: Optional[int]):
     """SPEC §4.2: the denoiser (plain blocks, no timestep) reads the last token at position n−1 against
     the context caches of positions 0..n−2; then the context tower takes that token."""
     context = model.context
-    batch, prompt_len = tokens.shape
-    capacity = prompt_len + max_new_tokens
-    if prompt_len > 1:
-        _, cache = context.prefill(params["context"], tokens[:, :-1], valid[:, :-1], capacity=capacity)
-    else:
-        cache = init_cache(model.config, batch, capacity, model.dtype)
+    cache = _context_prefix(params, tokens, valid, model=model, max_new_tokens=max_new_tokens)
     fed = tokens[:, -1]
 
     def advance(carry, token):
@@ -95,22 +134,106 @@ def mock_ar_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max_n
         return model.denoise(params, token[:, None], cache)[:, 0], (cache, token)
 
     first_logits = model.denoise(params, fed[:, None], cache)[:, 0]
-    return _token_loop(first_logits, advance, (cache, fed), seeds, max_new_tokens=max_new_tokens,
-                       sampling=sampling, eos_token_id=eos_token_id, pad=model.config.pad_token_id)
+    return _token_loop(first_logits, advance, (cache, fed), seeds,
+                       _rules(model, max_new_tokens, sampling, eos_token_id))
 
 
-def _generate(loop, model, params, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed):
+# --- mock-AR on the `towers` placement: per-tower compiled pieces -------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _mock_ar_pieces(model: TwoTower, rules: _Rules):
+    """The compiled pieces of mock-AR on `towers` (one set per model and rules, so repeats compile nothing):
+    context prefix and one-token extend (device 0), first pick and one step of denoise + pick (device 1).
+    Each runs where its committed inputs are."""
+    prefix = jax.jit(lambda p, t, v: _context_prefix({"context": p}, t, v, model=model,
+                                                    max_new_tokens=rules.max_new_tokens))
+    extend = jax.jit(lambda p, token, cache: model.context.extend(p, token[:, None], cache)[1])
+
+    def denoise_last(p, token, cache):
+        return model.denoise(p, token[:, None], cache)[:, 0]
+
+    def with_running(s):  # computed on device 1 with the step, so the host reads one flag
+        return s, rules.running(s)
+
+    start = jax.jit(lambda p, fed, cache, seeds: with_running(
+        rules.start(denoise_last(p, fed, cache), row_keys(seeds))))
+    step = jax.jit(lambda p, s, cache, seeds: with_running(
+        rules.step(s, denoise_last(p, s.last, cache), row_keys(seeds))))
+    return prefix, extend, start, step
+
+
+def _mock_ar_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh, *, max_new_tokens: int,
+                    sampling: SamplingParams, eos_token_id: Optional[int]):
+    """Mock-AR with the context tower on device 0 and the denoiser on device 1.
+
+    Why per-tower pieces and not one program: one jitted program runs on one device set with every
+    input on it, so a single program over both devices would need both towers' params stacked on a
+    `tower` mesh axis (the denoiser's adaLN params padded into the context's half) and every step run
+    under per-device `lax.cond`s with collectives to keep the loop predicates equal — a different
+    param layout from the checkpoint and from the other placements, restored through a copy. Per-tower
+    pieces keep the checkpoint's tree (each tower restored straight onto its device) and are each
+    compiled; the price is a host round trip per token (the EOS stop check) and a copy of the context
+    cache to device 1 per token, both small next to a 30B tower's forward pass. On one shared CPU they
+    are pure overhead (measured in experiments/results/sampler_cpu.md).
+
+    Returns the same (tokens, log-probs, lengths, advances) as `mock_ar_loop`, and compile/run seconds.
+    """
+    context_at = replicated(tower_mesh(mesh, "context"))
+    denoiser_at = replicated(tower_mesh(mesh, "denoiser"))
+    context_params = jax.device_put(params["context"], context_at)
+    denoiser_params = {"denoiser": jax.device_put(params["denoiser"], denoiser_at)}
+    rules = _rules(model, max_new_tokens, sampling, eos_token_id)
+    first_fed = jax.device_put(tokens[:, -1], context_at)
+    tokens, valid = jax.device_put((tokens, valid), context_at)
+    seeds = jax.device_put(seeds, denoiser_at)
+    prefix, extend, start, step = _mock_ar_pieces(model, rules)
+
+    cache_struct = jax.eval_shape(prefix, context_params, tokens, valid)
+    state_struct = jax.eval_shape(start, denoiser_params, first_fed, cache_struct, seeds)[0]
+    (prefix_c, extend_c, start_c, step_c), compile_s = compile_pieces(
+        (prefix, (context_params, tokens, valid), {}),
+        (extend, (context_params, on(first_fed, context_at), on(cache_struct, context_at)), {}),
+        (start, (denoiser_params, on(first_fed, denoiser_at), on(cache_struct, denoiser_at), seeds), {}),
+        (step, (denoiser_params, on(state_struct, denoiser_at), on(cache_struct, denoiser_at), seeds), {}))
+
+    begin = time.perf_counter()
+    cache = prefix_c(context_params, tokens, valid)
+    s, running = start_c(denoiser_params, jax.device_put(first_fed, denoiser_at),
+                         jax.device_put(cache, denoiser_at), seeds)
+    fed = first_fed
+    while bool(running):  # the one host sync per token: has every row stopped?
+        cache = extend_c(context_params, fed, cache)
+        fed = jax.device_put(s.last, context_at)   # the token the denoiser reads now; the context takes it next
+        s, running = step_c(denoiser_params, s, jax.device_put(cache, denoiser_at), seeds)
+    outputs = jax.block_until_ready(rules.finish(s))
+    return outputs, compile_s, time.perf_counter() - begin
+
+
+def _generate(loop, model, params, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+              placement: PlacementLike, towers_loop=None):
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     sampling = SamplingParams(temperature, top_k, top_p)
     check_eos(eos_token_id, model.config.vocab_size)
+    placement = resolve(placement)
+    requested = placement.kind
+    mesh = make_mesh(placement)
+    model = placed_model(model, placement)
     tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size)
-    (out, out_logp, lengths, advances), compile_s, run_s = compile_and_run(
-        loop, params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(row_seeds(seed, len(tokens))),
-        model=model, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id)
+    seeds = row_seeds(seed, len(tokens))
+    statics = dict(model=model, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id)
+    if placement.kind == "towers" and towers_loop is not None:
+        outputs, compile_s, run_s = towers_loop(model, params, tokens, valid, seeds, mesh, **{
+            k: v for k, v in statics.items() if k != "model"})
+    else:
+        if placement.kind == "towers":  # one tower's work: all of it on that tower's device
+            mesh, placement = tower_mesh(mesh, "context"), resolve("single")
+        outputs, compile_s, run_s = run_placed(loop, placement, mesh, params, tokens, valid, seeds, **statics)
+    out, out_logp, lengths, advances = outputs
     lengths = np.asarray(lengths)
     toks, logps = cut_rows(np.asarray(out), np.asarray(out_logp), lengths)
-    stats = {"generated_tokens": int(lengths.sum()), "seconds": run_s, "compile_seconds": compile_s}
+    stats = {"generated_tokens": int(lengths.sum()), "seconds": run_s, "compile_seconds": compile_s,
+             "placement": requested}
     return GenerationResult(toks, logps, stats), int(advances), tokens.shape[1]
 
 
@@ -125,16 +248,19 @@ def generate_ar(
     top_p: float = 1.0,
     eos_token_id: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
+    placement: PlacementLike = "single",
 ) -> GenerationResult:
     """Generates up to `max_new_tokens` after each prompt. Stats: forward passes, seconds (run only).
 
     `model` is a tower, or a TwoTower whose context tower and `context_lm_head` then do the work.
     `seed`: an int gives row r the seed `seed + r`; a sequence gives one seed per row.
+    `placement`: "single" | "towers" (AR uses one tower: all on the context tower's device 0) |
+    "sharded" (experts and vocabulary split over 2 devices), see `twotower_jax.sharding`.
     """
     if isinstance(model, TwoTower):
         model, params = model.context, params["context"]
     result, advances, _ = _generate(ar_loop, model, params, prompts, max_new_tokens, temperature, top_k, top_p,
-                                    eos_token_id, seed)
+                                    eos_token_id, seed, placement)
     result.stats.update(forward_passes=1 + advances, context_passes=1 + advances)
     return result
 
@@ -150,14 +276,16 @@ def generate_mock_ar(
     top_p: float = 1.0,
     eos_token_id: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
+    placement: PlacementLike = "single",
 ) -> GenerationResult:
     """The release's `generate_mock_ar`: the denoiser as a one-token-per-step AR decoder (SPEC §4.2).
 
-    Stats: denoiser passes (one per token) and context passes (the prefix prefill + one per token fed)."""
+    Stats: denoiser passes (one per token) and context passes (the prefix prefill + one per token fed).
+    `placement`: "single" | "towers" (context tower on device 0, denoiser on device 1) | "sharded"."""
     if not isinstance(model, TwoTower):
         raise ValueError("mock-AR needs a TwoTower model (context + denoiser towers)")
     result, advances, prompt_len = _generate(mock_ar_loop, model, params, prompts, max_new_tokens, temperature,
-                                             top_k, top_p, eos_token_id, seed)
+                                             top_k, top_p, eos_token_id, seed, placement, _mock_ar_towers)
     result.stats.update(forward_passes=1 + advances, denoiser_passes=1 + advances,
                         context_passes=int(prompt_len > 1) + advances)
     return result

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+import time
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twotower_jax.sampling.placed import compile_pieces, on, placed_model, run_placed
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, left_pad, row_seeds
-from twotower_jax.sampling.timing import compile_and_run
 from twotower_jax.sampling.tokens import fold_rows, row_keys
+from twotower_jax.sharding import PlacementLike, make_mesh, replicated, resolve, tower_mesh
 from twotower_jax.tower import Params
 from twotower_jax.two_tower import TwoTower
 
@@ -105,59 +107,163 @@ def _denoise_block(model: TwoTower, params, context_cache, keys, block_index, ac
     return canvas, row_passes, steps
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "dp", "eos_token_id"))
+class BlockState(NamedTuple):
+    """Diffusion state between blocks (the context cache travels separately): outputs (b, n), lengths (b,),
+    finished rows (b,), per-row denoiser / context passes (b,), batched denoiser / context passes ()."""
+    out: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    row_den: jax.Array
+    row_ctx: jax.Array
+    den: jax.Array
+    ctx: jax.Array
+
+
+def _start_state(batch: int, max_new_tokens: int, pad: int) -> BlockState:
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return BlockState(jnp.full((batch, max_new_tokens), pad, jnp.int32), jnp.full((batch,), max_new_tokens, jnp.int32),
+                      jnp.zeros((batch,), bool), zeros, zeros + 1, jnp.int32(0), jnp.int32(1))  # 1: the prefill
+
+
+def _run_block(model: TwoTower, params, cache, keys, state: BlockState, block_index, width: int, dp: DiffusionParams,
+               eos_token_id: Optional[int]) -> tuple[BlockState, jax.Array]:
+    """Denoises block `block_index` (`width` positions) for the rows still running and records it.
+    Returns (state, canvas (b, width))."""
+    batch = state.done.shape[0]
+    active = ~state.done
+    canvas, row_passes, passes = _denoise_block(model, params, cache, keys, block_index, active, width, dp)
+    position = jnp.arange(width)
+    if eos_token_id is None:
+        first_eos = jnp.full((batch,), width)
+    else:
+        first_eos = jnp.min(jnp.where(canvas == eos_token_id, position, width), axis=-1)
+    # Frozen rows emit pad; tokens after a row's first EOS are cut.
+    keep = active[:, None] & (position[None] <= first_eos[:, None])
+    out = jax.lax.dynamic_update_slice(state.out, jnp.where(keep, canvas, model.config.pad_token_id),
+                                       (0, block_index * dp.block_size))
+    hit_eos = active & (first_eos < width)
+    lengths = jnp.where(hit_eos, block_index * dp.block_size + first_eos + 1, state.lengths)
+    return state._replace(out=out, lengths=lengths, done=state.done | hit_eos, row_den=state.row_den + row_passes,
+                          den=state.den + passes), canvas
+
+
+def _extend_context(model: TwoTower, context_params, cache, canvas, done):
+    """The context tower over a committed block, for the rows still running (SPEC §4.1 step 5)."""
+    return model.context.extend(context_params, canvas, cache, jnp.broadcast_to(~done[:, None], canvas.shape))[1]
+
+
+def _count_extension(state: BlockState) -> BlockState:
+    return state._replace(row_ctx=state.row_ctx + ~state.done, ctx=state.ctx + 1)
+
+
+def _shape(max_new_tokens: int, dp: DiffusionParams) -> tuple[int, int, int]:
+    """(full blocks, width of the last partial block (0: none), blocks)."""
+    n_full, last_width = divmod(max_new_tokens, dp.block_size)
+    return n_full, last_width, n_full + (last_width > 0)
+
+
 def diffusion_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max_new_tokens: int,
                    dp: DiffusionParams, eos_token_id: Optional[int]):
-    """Returns (tokens (b, n), lengths (b,), per-row denoiser passes, per-row context passes,
-    batched denoiser passes, batched context passes)."""
+    """The whole generation as one program (traced inside `run_placed`'s jit). Returns (tokens (b, n),
+    lengths (b,), per-row denoiser passes, per-row context passes, batched denoiser passes, batched context
+    passes)."""
     batch, prompt_len = tokens.shape
-    pad = model.config.pad_token_id
-    size = dp.block_size
-    n_full, last_width = divmod(max_new_tokens, size)
-    n_blocks = n_full + (last_width > 0)
+    n_full, last_width, n_blocks = _shape(max_new_tokens, dp)
     keys = row_keys(seeds)
     _, cache = model.context.prefill(params["context"], tokens, valid, capacity=prompt_len + max_new_tokens)
 
-    def run_block(state, block_index, width):
-        out, lengths, done, cache, row_den, row_ctx, den, ctx = state
-        active = ~done
-        canvas, row_passes, passes = _denoise_block(model, params, cache, keys, block_index, active, width, dp)
-        position = jnp.arange(width)
-        if eos_token_id is None:
-            first_eos = jnp.full((batch,), width)
-        else:
-            first_eos = jnp.min(jnp.where(canvas == eos_token_id, position, width), axis=-1)
-        # Frozen rows emit pad; tokens after a row's first EOS are cut.
-        keep = active[:, None] & (position[None] <= first_eos[:, None])
-        out = jax.lax.dynamic_update_slice(out, jnp.where(keep, canvas, pad), (0, block_index * size))
-        hit_eos = active & (first_eos < width)
-        lengths = jnp.where(hit_eos, block_index * size + first_eos + 1, lengths)
-        done = done | hit_eos
-        return (out, lengths, done, cache, row_den + row_passes, row_ctx, den + passes, ctx), canvas
-
-    def extend_context(state, canvas):
-        out, lengths, done, cache, row_den, row_ctx, den, ctx = state
-        extending = ~done
-        _, cache = model.context.extend(params["context"], canvas, cache,
-                                        jnp.broadcast_to(extending[:, None], canvas.shape))
-        return out, lengths, done, cache, row_den, row_ctx + extending, den, ctx + 1
+    def extend(carry):
+        state, cache, canvas = carry
+        return _count_extension(state), _extend_context(model, params["context"], cache, canvas, state.done)
 
     def full_block(carry):
-        block_index, state = carry
-        state, canvas = run_block(state, block_index, size)
-        another = (block_index + 1 < n_blocks) & ~jnp.all(state[2])
-        state = jax.lax.cond(another, extend_context, lambda s, c: s, state, canvas)
-        return block_index + 1, state
+        block_index, state, cache = carry
+        state, canvas = _run_block(model, params, cache, keys, state, block_index, dp.block_size, dp, eos_token_id)
+        another = (block_index + 1 < n_blocks) & ~jnp.all(state.done)
+        state, cache = jax.lax.cond(another, extend, lambda c: c[:2], (state, cache, canvas))
+        return block_index + 1, state, cache
 
-    zeros = jnp.zeros((batch,), jnp.int32)
-    state = (jnp.full((batch, max_new_tokens), pad, jnp.int32), jnp.full((batch,), max_new_tokens, jnp.int32),
-             jnp.zeros((batch,), bool), cache, zeros, zeros + 1, jnp.int32(0), jnp.int32(1))
-    _, state = jax.lax.while_loop(lambda c: (c[0] < n_full) & ~jnp.all(c[1][2]), full_block, (jnp.int32(0), state))
+    state = _start_state(batch, max_new_tokens, model.config.pad_token_id)
+    _, state, cache = jax.lax.while_loop(lambda c: (c[0] < n_full) & ~jnp.all(c[1].done), full_block,
+                                         (jnp.int32(0), state, cache))
     if last_width:
-        state = jax.lax.cond(jnp.all(state[2]), lambda s: s,
-                             lambda s: run_block(s, jnp.int32(n_full), last_width)[0], state)
-    out, lengths, _, _, row_den, row_ctx, den, ctx = state
-    return out, lengths, row_den, row_ctx, den, ctx
+        state = jax.lax.cond(jnp.all(state.done), lambda s: s, lambda s: _run_block(
+            model, params, cache, keys, s, jnp.int32(n_full), last_width, dp, eos_token_id)[0], state)
+    return state.out, state.lengths, state.row_den, state.row_ctx, state.den, state.ctx
+
+
+@functools.lru_cache(maxsize=None)
+def _towers_pieces(model: TwoTower, max_new_tokens: int, dp: DiffusionParams, eos_token_id: Optional[int]):
+    """Compiled pieces of diffusion on `towers` (one set per model and settings, so repeats compile
+    nothing): prefill and block extension (context tower, device 0); a block's denoising, one per block
+    width (denoiser, device 1). Each runs where its committed inputs are."""
+    prefill = jax.jit(lambda p, tokens, valid: model.context.prefill(
+        p, tokens, valid, capacity=tokens.shape[1] + max_new_tokens)[1])
+    extend = jax.jit(functools.partial(_extend_context, model))
+
+    def block(width, p, cache, seeds, state, block_index):
+        state, canvas = _run_block(model, p, cache, row_keys(seeds), state, block_index, width, dp, eos_token_id)
+        return state, canvas, jnp.all(state.done)
+
+    blocks = {w: jax.jit(functools.partial(block, w)) for w in {dp.block_size, max_new_tokens % dp.block_size} if w}
+    return prefill, extend, blocks, jax.jit(_count_extension)
+
+
+def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh, *, max_new_tokens: int,
+                      dp: DiffusionParams, eos_token_id: Optional[int]):
+    """Diffusion with the context tower on device 0 and the denoiser on device 1, block by block.
+
+    Why per-tower pieces and not one program: a jitted program runs on one device set with every input
+    on it, so one program over both devices would need both towers' params stacked along a `tower` mesh
+    axis (the denoiser's adaLN params padded into the context's half) and each tower's work under
+    per-device `lax.cond`s, with collectives keeping both devices' loop predicates equal — a param
+    layout unlike the checkpoint's and the other placements', restored through a copy. Per-tower pieces
+    keep the checkpoint's tree (each tower restored straight onto its device), each piece compiled, the
+    denoising steps of a block inside one of them. Per block the host reads one flag (every row done?),
+    sends the context cache to device 1 and the committed block back to device 0: small next to up to
+    T denoiser passes of a 30B tower. On one shared CPU it is pure overhead (experiments/results/sampler_cpu.md).
+
+    Returns `diffusion_loop`'s outputs, and compile / run seconds.
+    """
+    context_at = replicated(tower_mesh(mesh, "context"))
+    denoiser_at = replicated(tower_mesh(mesh, "denoiser"))
+    context_params = jax.device_put(params["context"], context_at)
+    denoiser_params = {"denoiser": jax.device_put(params["denoiser"], denoiser_at)}
+    tokens, valid = jax.device_put((tokens, valid), context_at)
+    seeds = jax.device_put(seeds, denoiser_at)
+    n_full, last_width, n_blocks = _shape(max_new_tokens, dp)
+    prefill, extend, blocks, count = _towers_pieces(model, max_new_tokens, dp, eos_token_id)
+
+    batch = tokens.shape[0]
+    cache_struct = jax.eval_shape(prefill, context_params, tokens, valid)
+    state_struct = on(jax.eval_shape(functools.partial(_start_state, batch, max_new_tokens, model.config.pad_token_id)),
+                      denoiser_at)
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=denoiser_at)
+    canvas = jax.ShapeDtypeStruct((batch, dp.block_size), jnp.int32, sharding=context_at)
+    widths = sorted(blocks)
+    compiled, compile_s = compile_pieces(
+        (prefill, (context_params, tokens, valid), {}),
+        (extend, (context_params, on(cache_struct, context_at), canvas, on(state_struct.done, context_at)), {}),
+        (count, (state_struct,), {}),
+        *[(blocks[w], (denoiser_params, on(cache_struct, denoiser_at), seeds, state_struct, index), {})
+          for w in widths])
+    prefill_c, extend_c, count_c, *block_c = compiled
+    block_c = dict(zip(widths, block_c))
+
+    begin = time.perf_counter()
+    cache = prefill_c(context_params, tokens, valid)
+    state = jax.device_put(_start_state(batch, max_new_tokens, model.config.pad_token_id), denoiser_at)
+    for block_index in range(n_blocks):
+        width = dp.block_size if block_index < n_full else last_width
+        state, canvas, all_done = block_c[width](denoiser_params, jax.device_put(cache, denoiser_at), seeds, state,
+                                                 jax.device_put(jnp.int32(block_index), denoiser_at))
+        if block_index + 1 == n_blocks or bool(all_done):  # the one host sync per block
+            break
+        cache = extend_c(context_params, cache, jax.device_put(canvas, context_at),
+                         jax.device_put(state.done, context_at))
+        state = count_c(state)
+    outputs = jax.block_until_ready((state.out, state.lengths, state.row_den, state.row_ctx, state.den, state.ctx))
+    return outputs, compile_s, time.perf_counter() - begin
 
 
 def generate_mask_diffusion(
@@ -172,9 +278,12 @@ def generate_mask_diffusion(
     confidence_threshold: float = 0.9,
     eos_token_id: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
+    placement: PlacementLike = "single",
 ) -> GenerationResult:
     """The release's `generate_mask_diffusion`, batched. Returns tokens per row (cut after EOS) and stats.
 
+    `placement`: "single" | "towers" (context tower + cache on device 0, denoiser on device 1, block by
+    block) | "sharded" (experts and vocabulary split over 2 devices), see `twotower_jax.sharding`.
     `logprobs` is empty per row: diffusion commits tokens from a changing canvas, and the probability
     of a token at its commit step is not a log-likelihood of the sequence.
     `seed`: an int gives row r the seed `seed + r`; a sequence gives one seed per row.
@@ -186,10 +295,18 @@ def generate_mask_diffusion(
     dp = DiffusionParams(block_size, steps_per_block, mask_token_id, float(temperature), float(confidence_threshold))
     dp.validate(model.config.vocab_size)
     check_eos(eos_token_id, model.config.vocab_size)
+    placement = resolve(placement)
+    mesh = make_mesh(placement)
+    model = placed_model(model, placement)
     tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size)
-    (out, lengths, row_den, row_ctx, den, ctx), compile_s, run_s = compile_and_run(
-        diffusion_loop, params, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(row_seeds(seed, len(tokens))),
-        model=model, max_new_tokens=max_new_tokens, dp=dp, eos_token_id=eos_token_id)
+    seeds = row_seeds(seed, len(tokens))
+    statics = dict(max_new_tokens=max_new_tokens, dp=dp, eos_token_id=eos_token_id)
+    if placement.kind == "towers":
+        outputs, compile_s, run_s = _diffusion_towers(model, params, tokens, valid, seeds, mesh, **statics)
+    else:
+        outputs, compile_s, run_s = run_placed(diffusion_loop, placement, mesh, params, tokens, valid, seeds,
+                                               model=model, **statics)
+    out, lengths, row_den, row_ctx, den, ctx = outputs
     lengths, row_den = np.asarray(lengths), np.asarray(row_den)
     out = np.asarray(out)
     toks = [out[i, :n].tolist() for i, n in enumerate(lengths)]
@@ -203,5 +320,6 @@ def generate_mask_diffusion(
         "row_tokens_per_denoiser_pass": (lengths / np.maximum(row_den, 1)).tolist(),
         "seconds": run_s,
         "compile_seconds": compile_s,
+        "placement": placement.kind,
     }
     return GenerationResult(toks, [[] for _ in toks], stats)
