@@ -8,26 +8,43 @@ single Nemotron-H tower (AR only) or a TwoTower (all modes; AR uses the context 
 `--prompt-ids` may repeat (one batch row each, left-padded); `--prompt TEXT` (also repeatable) needs a
 `tokenizer.json` in the checkpoint directory and the `tokenizers` package. Prints one JSON object with
 `tokens` (generated ids per row, cut after EOS), `logprobs` and `stats` when `--json` is given.
+
+`--placement` puts the model on one device, the two towers on two devices, or both towers' experts and
+vocabulary split over two devices (`twotower_jax.sharding`); an orbax checkpoint is restored straight onto
+it. `--ssd-impl` and `--moe-impl` pick implementations of the Mamba scan and the MoE dispatch (same math).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
+from twotower_jax import sharding
 from twotower_jax.checkpoint.hf import TWO_TOWER
 from twotower_jax.checkpoint.load import load_checkpoint
+from twotower_jax.checkpoint.mapping import keeps_float32
+from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, read_manifest, restore_orbax_checkpoint
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
-from twotower_jax.tower import NemotronH
+from twotower_jax.tower import Impl, NemotronH
 from twotower_jax.two_tower import TwoTower
 
 MODES = ("ar", "mock_ar", "diffusion")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SSD_IMPLS = {"reference": "sequential", "xla": "chunked", "pallas": "pallas"}   # CLI name -> Impl.scan
+MOE_IMPLS = {"simple": "dense", "ragged": "ragged", "gather": "gather"}          # CLI name -> Impl.moe
+
+
+def default_moe_impl(backend: str) -> str:
+    """`--moe-impl auto`: on CPU the dense all-experts dispatch beats `ragged_dot` at the sizes measured in
+    experiments/results/moe_cpu.md (5x at 512 tokens); elsewhere the sorted ragged dispatch."""
+    return "dense" if backend == "cpu" else "ragged"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-block", type=int, default=16, help="diffusion: max denoising steps T per block")
     p.add_argument("--confidence-threshold", type=float, default=0.9, help="diffusion: commit threshold γ")
     p.add_argument("--mask-token-id", type=int, default=3, help="diffusion: the [MASK] id")
+    p.add_argument("--placement", choices=sharding.PLACEMENTS, default="single",
+                   help="single: one device; towers: context tower on device 0, denoiser on device 1; "
+                        "sharded: both towers' experts (and vocabulary) split over 2 devices")
+    p.add_argument("--ssd-impl", choices=sorted(SSD_IMPLS), default=None,
+                   help="Mamba scan: reference (sequential), xla (chunked) or pallas (default: the model's)")
+    p.add_argument("--moe-impl", choices=["auto"] + sorted(MOE_IMPLS), default="auto",
+                   help="MoE dispatch: simple (dense reference), ragged, gather; auto: simple on CPU, ragged "
+                        "elsewhere (sharded always splits experts with the expert-parallel dispatch)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -75,6 +100,42 @@ def _load_tokenizer(directory: Path):
     return Tokenizer.from_file(str(path))
 
 
+def implementation(args: argparse.Namespace) -> Impl:
+    """The model's `Impl` from --ssd-impl / --moe-impl / --placement (checked together)."""
+    if args.placement == "sharded":
+        if args.moe_impl != "auto":
+            raise ValueError(f"--placement sharded splits the experts over devices with the expert-parallel MoE "
+                             f"dispatch; drop --moe-impl {args.moe_impl} (or use --placement single/towers)")
+        moe = "expert_parallel"
+    else:
+        moe = default_moe_impl(jax.default_backend()) if args.moe_impl == "auto" else MOE_IMPLS[args.moe_impl]
+    impl = Impl(moe=moe)
+    return impl if args.ssd_impl is None else dataclasses.replace(impl, scan=SSD_IMPLS[args.ssd_impl])
+
+
+def load(directory: Path, dtype, args: argparse.Namespace, mesh):
+    """(kind, config, params): an orbax checkpoint restored straight onto the placement's shardings (never
+    whole on one device); a HF-layout one read on the host (the sampler then places it)."""
+    if not is_orbax_checkpoint(directory):
+        kind, config, params = load_checkpoint(directory, dtype)
+    else:
+        kind = read_manifest(directory)["kind"]
+        _check_kind(kind, args)
+        kind, config, params = restore_orbax_checkpoint(directory, sharding.sharding_for(args.placement, mesh))
+
+        def cast(path, x):  # on the array's own devices
+            return x if keeps_float32(tuple(k.key for k in path)) or x.dtype == dtype else x.astype(dtype)
+        params = jax.tree_util.tree_map_with_path(cast, params)
+    _check_kind(kind, args)
+    return kind, config, params
+
+
+def _check_kind(kind: str, args: argparse.Namespace) -> None:
+    if args.placement == "towers" and kind != TWO_TOWER:
+        raise ValueError("--placement towers puts a TwoTower's two towers on two devices; this checkpoint is a "
+                         "single Nemotron-H tower (use --placement single or sharded)")
+
+
 def run(args: argparse.Namespace) -> dict:
     directory = Path(args.checkpoint)
     if not directory.is_dir():
@@ -86,14 +147,16 @@ def run(args: argparse.Namespace) -> dict:
                else [tokenizer.encode(t).ids for t in args.prompt])
 
     dtype = DTYPES[args.dtype]
-    kind, config, params = load_checkpoint(directory, dtype)
+    impl = implementation(args)
+    mesh = sharding.make_mesh(args.placement)  # fails early, with the fix, when devices are missing
+    kind, config, params = load(directory, dtype, args, mesh)
     if kind == TWO_TOWER:
-        model = TwoTower(config, dtype=dtype, param_dtype=dtype)
+        model = TwoTower(config, dtype=dtype, param_dtype=dtype, impl=impl)
     elif args.mode != "ar":
         raise ValueError(f"--mode {args.mode} needs a TwoTower checkpoint (context_tower.*, denoiser_tower.*); "
                          f"{directory} is a single Nemotron-H tower, which can only run --mode ar")
     else:
-        model = NemotronH(config, dtype=dtype, param_dtype=dtype)
+        model = NemotronH(config, dtype=dtype, param_dtype=dtype, impl=impl)
     eos = config.eos_token_id if args.eos_token_id is None else args.eos_token_id
     eos = None if eos == -1 else eos
     if args.mode == "diffusion":
@@ -102,11 +165,13 @@ def run(args: argparse.Namespace) -> dict:
         result = generate_mask_diffusion(
             model, params, prompts, args.max_new_tokens, block_size=args.block_size,
             steps_per_block=args.steps_per_block, mask_token_id=args.mask_token_id, temperature=args.temperature,
-            confidence_threshold=args.confidence_threshold, eos_token_id=eos, seed=args.seed)
+            confidence_threshold=args.confidence_threshold, eos_token_id=eos, seed=args.seed,
+            placement=args.placement)
     else:
         generate_fn = generate_ar if args.mode == "ar" else generate_mock_ar
         result = generate_fn(model, params, prompts, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
+                             top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
+                             placement=args.placement)
     out = {"mode": args.mode, **result.to_json_dict()}
     if tokenizer is not None:
         out["text"] = [tokenizer.decode(row) for row in result.tokens]
