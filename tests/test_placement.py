@@ -17,6 +17,7 @@ from twotower_jax.checkpoint.orbax_io import restore_orbax_checkpoint
 from twotower_jax.config import tiny
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
+from twotower_jax.sampling.placed import placed_model
 from twotower_jax.tower import Impl
 from twotower_jax.two_tower import TwoTower
 
@@ -78,6 +79,8 @@ def test_params_land_where_the_placement_says(params):
         norm = leaf(placed, tower, "norm_f", "weight")
         assert norm.sharding.spec == P() and norm.sharding.device_set == {dev0, dev1}
     assert sharding.devices_of(placed) == {dev0, dev1}
+    assert placed_model(MODEL, sharding.resolve("sharded")).impl.moe == "expert_parallel"
+    assert placed_model(MODEL, sharding.resolve("towers")) == MODEL
     np.testing.assert_array_equal(leaf(placed, "denoiser", "layers_2", "mixer", "experts_up"),
                                   leaf(params, "denoiser", "layers_2", "mixer", "experts_up"))
 
