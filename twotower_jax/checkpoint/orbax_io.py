@@ -123,3 +123,17 @@ def restore_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optiona
     for group, tree in groups:
         set_path(params, group, tree)
     return kind, config, params
+
+
+def save_params_orbax(out: str | os.PathLike, kind: str, config: NemotronHConfig, params, *,
+                      dtype_name: str = "float32", overwrite: bool = False) -> dict:
+    """Writes an in-memory param tree (e.g. freshly trained) as our checkpoint, in the mapping table's
+    group order, floats cast to `dtype_name` (the router bias stays float32)."""
+    rules, _ = rules_and_shapes(kind, config)
+    dtype = np.dtype(dtype_name)
+
+    def leaves():
+        for rule in rules:
+            value = np.asarray(get_path(params, rule.path))
+            yield rule.path, value if keeps_float32(rule.path) else value.astype(dtype)
+    return write_orbax_checkpoint(out, kind, config, leaves(), dtype_name, overwrite=overwrite)

@@ -1,0 +1,195 @@
+"""Sweep the mask-diffusion sampler of a trained TwoTower against its own AR decoding: quality vs speed.
+
+  python experiments/sweep_sampler.py --checkpoint demo --out experiments/results/sweep_demo.json
+  python experiments/sweep_sampler.py --checkpoint DIR --out FILE.json --quick     # < 2 min on a 2-core CPU
+
+Every setting generates answers for the same held-out tasks (`twotower_jax.data.eval_set`), greedy by
+default: quality from one batched run over all of them, speed from running the first `--n_timed` one
+prompt at a time (batch 1, the latency-bound regime of the release's measurements). One JSON row per setting: mode, confidence_threshold (γ), block_size (S), steps_per_block (T),
+accuracy (exact match), relative_accuracy (÷ AR's), agreement_with_ar (identical answers), perplexity (the
+context tower's, of the generated tokens) with repetition (repeated 3-grams), tokens_per_denoiser_pass,
+tokens_per_second (generated tokens up to and including EOS ÷ run seconds at batch 1, compile excluded) and
+speedup_vs_ar. AR and every diffusion setting are measured in the same run. A PNG plots relative accuracy
+against speed-up, one line per (S, T) over γ.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+import jax
+
+from twotower_jax.checkpoint.hf import TWO_TOWER
+from twotower_jax.checkpoint.load import load_checkpoint, resolve_checkpoint
+from twotower_jax.data import EOS_ID, MASK_ID, TASK_KINDS, accuracy, eval_set, prompt_ids
+from twotower_jax.evaluation import agreement, continuation_perplexity, repetition_rate
+from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
+from twotower_jax.sampling.diffusion import generate_mask_diffusion
+from twotower_jax.two_tower import TwoTower
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "demo", "TwoTower checkpoint directory, or 'demo' for the packaged model")
+flags.DEFINE_string("out", None, "JSON file to write (the plot goes next to it as .png)", required=True)
+flags.DEFINE_bool("quick", False, "AR and diffusion at γ=0.8 only, fewer tasks and repeats (< 2 min)")
+flags.DEFINE_integer("n_tasks", 256, "held-out tasks scored per setting (kinds round-robin)")
+flags.DEFINE_integer("n_timed", 32, "of those, tasks timed one at a time (batch 1) for tokens/s")
+flags.DEFINE_integer("repeats", 3, "timed runs per task and setting (median)")
+flags.DEFINE_list("gammas", ["0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "1.0"], "confidence thresholds")
+flags.DEFINE_list("block_sizes", ["8", "16", "32"], "block sizes S")
+flags.DEFINE_list("steps", ["S"], "steps per block T: integers or 'S' (= block size)")
+flags.DEFINE_bool("mock_ar", True, "also run mock-AR (the denoiser decoding one token per pass)")
+flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+
+
+def _timed(generate, prompts, repeats: int):
+    """Tokens and run seconds of generating each prompt alone (batch 1: the latency-bound regime where
+    block diffusion pays, as in the release's measurements), the median of `repeats` runs per prompt.
+    Compile time is excluded: the samplers report run time alone and reuse their compiled programs."""
+    tokens = seconds = 0.0
+    for prompt in prompts:
+        runs = [generate([prompt]) for _ in range(repeats)]
+        tokens += len(runs[-1].tokens[0])
+        seconds += statistics.median(r.stats["seconds"] for r in runs)
+    return tokens, seconds
+
+
+def _row(mode, result, timing, tasks, prompts, model, params, reference=None, **setting):
+    """Quality from the batched run over all tasks (batched == row by row), speed from `_timed`."""
+    generated = result.tokens
+    tokens, seconds = timing
+    return {
+        "mode": mode, **setting,
+        "accuracy": accuracy(tasks, generated),
+        "agreement_with_ar": agreement(generated, reference, EOS_ID) if reference is not None else 1.0,
+        "perplexity": continuation_perplexity(model.context, params["context"], prompts, generated),
+        "repetition": repetition_rate(generated),
+        "tokens_per_denoiser_pass": result.stats.get("tokens_per_denoiser_pass"),
+        "denoiser_passes": result.stats.get("denoiser_passes"),
+        "generated_tokens": sum(len(g) for g in generated),
+        "timed_tokens": tokens,
+        "timed_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+    }
+
+
+def settings(quick: bool):
+    if quick:
+        return [(0.8, 16, 16)]
+    out = []
+    for s in map(int, FLAGS.block_sizes):
+        for t in FLAGS.steps:
+            for g in map(float, FLAGS.gammas):
+                out.append((g, s, s if t == "S" else int(t)))
+    return out
+
+
+def sweep(checkpoint, quick: bool, n_tasks: int, n_timed: int, repeats: int, log=print) -> list[dict]:
+    kind, config, params = load_checkpoint(checkpoint)
+    if kind != TWO_TOWER:
+        raise ValueError(f"{checkpoint}: the sweep needs a TwoTower checkpoint, got {kind}")
+    model = TwoTower(config)
+    tasks = eval_set(TASK_KINDS, n_tasks, seed=1234)
+    prompts = [prompt_ids(t) for t in tasks]
+    timed = prompts[:n_timed]   # eval_set deals the kinds round-robin, so any prefix mixes them
+    common = dict(eos_token_id=EOS_ID, temperature=FLAGS.temperature, seed=FLAGS.seed)
+    budget = 16   # answers + EOS fit 16 tokens (twotower_jax.data.tasks)
+
+    def measure(mode, generate, reference=None, **setting):
+        result = generate(prompts)
+        row = _row(mode, result, _timed(generate, timed, repeats), tasks, prompts, model, params, reference,
+                   **setting)
+        log(row)
+        return row, result
+
+    ar, ar_result = measure("ar", lambda p: generate_ar(model, params, p, max_new_tokens=budget, **common))
+    rows, reference = [ar], ar_result.tokens
+    if FLAGS.mock_ar and not quick:
+        rows.append(measure("mock_ar", lambda p: generate_mock_ar(model, params, p, max_new_tokens=budget,
+                                                                  **common), reference)[0])
+    for gamma, block, steps in settings(quick):
+        def diffusion(p, gamma=gamma, block=block, steps=steps):
+            return generate_mask_diffusion(model, params, p, max_new_tokens=max(budget, block), block_size=block,
+                                           steps_per_block=steps, mask_token_id=MASK_ID,
+                                           confidence_threshold=gamma, **common)
+        rows.append(measure("diffusion", diffusion, reference, confidence_threshold=gamma, block_size=block,
+                            steps_per_block=steps)[0])
+    for row in rows:
+        row["relative_accuracy"] = row["accuracy"] / ar["accuracy"] if ar["accuracy"] else float("nan")
+        row["speedup_vs_ar"] = row["tokens_per_second"] / ar["tokens_per_second"]
+    return rows
+
+
+def table(rows) -> str:
+    head = f"{'mode':9} {'γ':>5} {'S':>3} {'T':>3} {'acc':>6} {'rel':>6} {'agree':>6} {'ppl':>6} {'rep':>5} " \
+           f"{'tok/pass':>8} {'tok/s':>8} {'×AR':>6}"
+    lines = [head]
+    for r in rows:
+        def f(key, spec):
+            v = r.get(key)
+            return format(v, spec) if v is not None else "-"
+        lines.append(f"{r['mode']:9} {f('confidence_threshold', '5.2f'):>5} {f('block_size', 'd'):>3} "
+                     f"{f('steps_per_block', 'd'):>3} {r['accuracy']:6.3f} {r['relative_accuracy']:6.3f} "
+                     f"{r['agreement_with_ar']:6.3f} {r['perplexity']:6.2f} {r['repetition']:5.3f} "
+                     f"{f('tokens_per_denoiser_pass', '8.2f'):>8} {r['tokens_per_second']:8.1f} {r['speedup_vs_ar']:6.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lines = sorted({(r["block_size"], r["steps_per_block"]) for r in rows if r["mode"] == "diffusion"})
+    for s, t in lines:
+        pts = sorted((r for r in rows if r["mode"] == "diffusion" and r["block_size"] == s
+                      and r["steps_per_block"] == t), key=lambda r: r["confidence_threshold"])
+        ax.plot([r["speedup_vs_ar"] for r in pts], [r["relative_accuracy"] for r in pts], "o-", label=f"S={s}, T={t}")
+        for r in pts:
+            ax.annotate(f"γ={r['confidence_threshold']:g}", (r["speedup_vs_ar"], r["relative_accuracy"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for r in rows:
+        if r["mode"] != "diffusion":
+            ax.plot([r["speedup_vs_ar"]], [r["relative_accuracy"]], "k^" if r["mode"] == "ar" else "kv")
+            ax.annotate(r["mode"], (r["speedup_vs_ar"], r["relative_accuracy"]), fontsize=8,
+                        xytext=(4, -10), textcoords="offset points")
+    ax.axhline(0.95, color="grey", lw=0.6, ls="--")
+    ax.axvline(2.0, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("throughput vs AR (tokens/s ratio, same run)")
+    ax.set_ylabel("task accuracy vs AR")
+    ax.set_title("Miniature TwoTower: mask diffusion vs AR (2-core CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    checkpoint = resolve_checkpoint(FLAGS.checkpoint)
+    n_tasks = min(FLAGS.n_tasks, 128) if FLAGS.quick else FLAGS.n_tasks
+    n_timed = min(FLAGS.n_timed, 16 if FLAGS.quick else n_tasks)
+    repeats = min(FLAGS.repeats, 2) if FLAGS.quick else FLAGS.repeats
+    rows = sweep(checkpoint, FLAGS.quick, n_tasks, n_timed, repeats, log=lambda r: None)
+    out = Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"checkpoint": str(FLAGS.checkpoint), "quick": FLAGS.quick, "n_tasks": n_tasks, "n_timed": n_timed,
+            "timing_batch_size": 1, "repeats": repeats,
+            "temperature": FLAGS.temperature, "machine": f"{platform.processor() or platform.machine()}, "
+            f"{jax.device_count()} {jax.default_backend()} device(s)", "jax": jax.__version__,
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    plot(rows, out.with_suffix(".png"))
+    print(table(rows))
+    print(f"wrote {out} and {out.with_suffix('.png')} ({meta['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)

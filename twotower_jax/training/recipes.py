@@ -1,0 +1,111 @@
+"""The two training runs of the miniature TwoTower experiment, as functions the `experiments/` scripts
+(and tests) call:
+
+1. `train_ar_tower`: a Nemotron-H tower trained from scratch, next-token, on the offline data
+   (`twotower_jax.data`): it becomes the frozen context tower.
+2. `train_denoiser`: a TwoTower whose denoiser starts as a copy of that tower (adaLN at identity) and
+   is trained with the block-wise masked-diffusion objective while the context tower stays frozen.
+
+Each writes its training state under `workdir/` (orbax `CheckpointManager`, `metrics.jsonl`) and the
+result as one of our checkpoints at `workdir/checkpoint` (loadable by `generate --checkpoint`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+
+from twotower_jax.checkpoint.hf import TOWER, TWO_TOWER
+from twotower_jax.checkpoint.load import load_checkpoint
+from twotower_jax.checkpoint.orbax_io import save_params_orbax
+from twotower_jax.config import NemotronHConfig, tiny
+from twotower_jax.data import MASK_ID, PADDED_VOCAB_SIZE, TrainingStream
+from twotower_jax.tower import Impl, NemotronH
+from twotower_jax.training.loop import TrainConfig, train
+from twotower_jax.training.objective import ar_loss, diffusion_loss
+from twotower_jax.two_tower import TwoTower, identity_adaln_params, two_tower_params_from_tower
+
+CHECKPOINT = "checkpoint"
+RUN_FILE = "run.json"
+
+
+def demo_config() -> NemotronHConfig:
+    """The miniature backbone: every Nemotron-H layer kind but the dense MLP (the release has none),
+    GQA, n_groups 2, top-2 of 4 non-gated relu² experts plus a shared expert; byte vocabulary."""
+    return tiny(pattern="M*EM*E", vocab_size=PADDED_VOCAB_SIZE, hidden_size=128,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=32, n_groups=2, chunk_size=16,
+                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                moe_shared_expert_intermediate_size=128, routed_scaling_factor=1.0,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def training_impl() -> Impl:
+    """On CPU the dense expert dispatch is the fastest (experiments/results/moe_cpu.md)."""
+    return Impl(moe="dense" if jax.default_backend() == "cpu" else "ragged")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    seq_len: int = 128
+    batch_size: int = 32
+    task_fraction: float = 0.7
+    block_size: int = 16      # task answers start on block boundaries (TrainingStream)
+    seed: int = 0
+
+    def stream(self) -> TrainingStream:
+        return TrainingStream(self.seq_len, self.batch_size, self.seed, task_fraction=self.task_fraction,
+                              block_size=self.block_size)
+
+
+def _write_run(workdir: Path, **record) -> None:
+    (workdir / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+
+def train_ar_tower(workdir: str | Path, train_cfg: TrainConfig, data: DataSettings = DataSettings(),
+                   config: Optional[NemotronHConfig] = None, *, stop_after: Optional[int] = None,
+                   progress: Optional[bool] = None, on_log: Optional[Callable] = None) -> Path:
+    """Trains a tower from scratch; returns the path of its checkpoint (None if stopped early)."""
+    workdir = Path(workdir)
+    config = config or demo_config()
+    model = NemotronH(config, impl=training_impl())
+    params = model.init_params(jax.random.key(train_cfg.seed))
+    stream = data.stream()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_run(workdir, stage="ar", train=dataclasses.asdict(train_cfg), data=dataclasses.asdict(data),
+               config=config.to_hf_dict())
+    params = train(functools.partial(ar_loss, model=model), params, None, stream.batch, train_cfg, workdir,
+                   stop_after=stop_after, progress=progress, on_log=on_log)
+    if stop_after is not None and stop_after < train_cfg.steps:
+        return None
+    save_params_orbax(workdir / CHECKPOINT, TOWER, config, params, overwrite=True)
+    return workdir / CHECKPOINT
+
+
+def train_denoiser(context_checkpoint: str | Path, workdir: str | Path, train_cfg: TrainConfig,
+                   data: DataSettings = DataSettings(), *, stop_after: Optional[int] = None,
+                   progress: Optional[bool] = None, on_log: Optional[Callable] = None) -> Path:
+    """Trains the denoiser of a TwoTower built on a frozen AR tower checkpoint; returns the TwoTower
+    checkpoint path (None if stopped early). Blocks of `data.block_size`."""
+    workdir = Path(workdir)
+    kind, config, context = load_checkpoint(context_checkpoint)
+    if kind != TOWER:
+        raise ValueError(f"{context_checkpoint}: expected a single-tower checkpoint, got {kind}")
+    model = TwoTower(config, impl=training_impl())
+    adaln = identity_adaln_params(model, jax.random.key(train_cfg.seed))
+    params = two_tower_params_from_tower(context, adaln)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_run(workdir, stage="denoiser", context_checkpoint=str(context_checkpoint),
+               train=dataclasses.asdict(train_cfg), data=dataclasses.asdict(data))
+    loss = functools.partial(diffusion_loss, model=model, block_size=data.block_size, mask_token_id=MASK_ID)
+    denoiser = train(loss, params["denoiser"], params["context"], data.stream().batch, train_cfg, workdir,
+                     stop_after=stop_after, progress=progress, on_log=on_log)
+    if stop_after is not None and stop_after < train_cfg.steps:
+        return None
+    save_params_orbax(workdir / CHECKPOINT, TWO_TOWER, config, {"context": params["context"], "denoiser": denoiser},
+                      overwrite=True)
+    return workdir / CHECKPOINT
