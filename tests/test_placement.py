@@ -181,6 +181,7 @@ def test_cli_implementation_flags():
     assert (impl.scan, impl.moe) == ("sequential", "gather")
     assert generate.implementation(parse(base + ["--ssd-impl", "xla", "--moe-impl", "simple"])) == Impl("chunked", "dense")
     assert generate.implementation(parse(base + ["--ssd-impl", "pallas"])).scan == "pallas"
+    assert generate.implementation(parse(base)).scan == Impl().scan  # no flag: the model's default
     assert generate.implementation(parse(base + ["--placement", "sharded"])).moe == "expert_parallel"
 
 

@@ -30,6 +30,7 @@ from twotower_jax.checkpoint.hf import TWO_TOWER
 from twotower_jax.checkpoint.load import load_checkpoint
 from twotower_jax.checkpoint.mapping import keeps_float32
 from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, read_manifest, restore_orbax_checkpoint
+from twotower_jax.ops.ssd import SSD_IMPL_NAMES
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.tower import Impl, NemotronH
@@ -37,7 +38,6 @@ from twotower_jax.two_tower import TwoTower
 
 MODES = ("ar", "mock_ar", "diffusion")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SSD_IMPLS = {"reference": "sequential", "xla": "chunked", "pallas": "pallas"}   # CLI name -> Impl.scan
 MOE_IMPLS = {"simple": "dense", "ragged": "ragged", "gather": "gather"}          # CLI name -> Impl.moe
 
 
@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=sharding.PLACEMENTS, default="single",
                    help="single: one device; towers: context tower on device 0, denoiser on device 1; "
                         "sharded: both towers' experts (and vocabulary) split over 2 devices")
-    p.add_argument("--ssd-impl", choices=sorted(SSD_IMPLS), default=None,
-                   help="Mamba scan: reference (sequential), xla (chunked) or pallas (default: the model's)")
+    p.add_argument("--ssd-impl", choices=sorted(SSD_IMPL_NAMES), default=None,
+                   help="Mamba scan: reference (sequential), xla (chunked), pallas, auto (pallas on GPU, xla "
+                        "elsewhere; the default)")
     p.add_argument("--moe-impl", choices=["auto"] + sorted(MOE_IMPLS), default="auto",
                    help="MoE dispatch: simple (dense reference), ragged, gather; auto: simple on CPU, ragged "
                         "elsewhere (sharded always splits experts with the expert-parallel dispatch)")
@@ -110,7 +111,7 @@ def implementation(args: argparse.Namespace) -> Impl:
     else:
         moe = default_moe_impl(jax.default_backend()) if args.moe_impl == "auto" else MOE_IMPLS[args.moe_impl]
     impl = Impl(moe=moe)
-    return impl if args.ssd_impl is None else dataclasses.replace(impl, scan=SSD_IMPLS[args.ssd_impl])
+    return impl if args.ssd_impl is None else dataclasses.replace(impl, scan=SSD_IMPL_NAMES[args.ssd_impl])
 
 
 def load(directory: Path, dtype, args: argparse.Namespace, mesh):

@@ -8,8 +8,10 @@ Placements (all on at most 2 devices, SPEC §4's `place_towers_on_devices` is `t
   context tower and the denoiser run one after the other (SPEC §4.1), so this is for models that do
   not fit on one device, not for speed.
 * `sharded` – both towers on both devices, each tower's routed experts split over the mesh axis
-  `expert` (the `expert_parallel` MoE dispatch) and, where it pays, its embeddings and LM head split
-  along the vocabulary; everything else, caches included, replicated.
+  `expert` (the `expert_parallel` MoE dispatch) and its embeddings and LM head split along the
+  vocabulary; everything else, caches included, replicated. The vocabulary split measured within noise
+  of experts-only on CPU (experiments/results/sampler_cpu.md); it is in the table for memory (the real
+  embeddings + LM head are ≈1.4 GB per BF16 tower).
 
 The only place that decides a sharding is `RULES` (placement → logical axis → mesh axis) read through
 `PARAM_LOGICAL_AXES` (param leaf → logical axes). A placement is a name, or a `Placement` with its own

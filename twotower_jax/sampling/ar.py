@@ -29,8 +29,6 @@ from twotower_jax.sharding import PlacementLike, make_mesh, replicated, resolve,
 from twotower_jax.tower import NemotronH, Params
 from twotower_jax.two_tower import TwoTower
 
-_STATIC = ("model", "max_new_tokens", "sampling", "eos_token_id")
-
 
 class TokenState(NamedTuple):
     """The token loop's state: next step index, last token (b,), outputs (b, n), log-probs (b, n),
