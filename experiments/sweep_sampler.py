@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import jax
 from twotower_jax.checkpoint.hf import TWO_TOWER
 from twotower_jax.checkpoint.load import load_checkpoint, resolve_checkpoint
 from twotower_jax.data import EOS_ID, MASK_ID, TASK_KINDS, accuracy, eval_set, prompt_ids
-from twotower_jax.evaluation import agreement, continuation_perplexity, repetition_rate
+from twotower_jax.evaluation import agreement, continuation_perplexity, repetition_rate, timed_one_at_a_time
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.two_tower import TwoTower
@@ -47,20 +46,8 @@ flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
-def _timed(generate, prompts, repeats: int):
-    """Tokens and run seconds of generating each prompt alone (batch 1: the latency-bound regime where
-    block diffusion pays, as in the release's measurements), the median of `repeats` runs per prompt.
-    Compile time is excluded: the samplers report run time alone and reuse their compiled programs."""
-    tokens = seconds = 0.0
-    for prompt in prompts:
-        runs = [generate([prompt]) for _ in range(repeats)]
-        tokens += len(runs[-1].tokens[0])
-        seconds += statistics.median(r.stats["seconds"] for r in runs)
-    return tokens, seconds
-
-
 def _row(mode, result, timing, tasks, prompts, model, params, reference=None, **setting):
-    """Quality from the batched run over all tasks (batched == row by row), speed from `_timed`."""
+    """Quality from the batched run over all tasks (batched == row by row), speed from `timing`."""
     generated = result.tokens
     tokens, seconds = timing
     return {
@@ -78,18 +65,17 @@ def _row(mode, result, timing, tasks, prompts, model, params, reference=None, **
     }
 
 
-def settings(quick: bool):
-    if quick:
-        return [(0.8, 16, 16)]
-    out = []
-    for s in map(int, FLAGS.block_sizes):
-        for t in FLAGS.steps:
-            for g in map(float, FLAGS.gammas):
-                out.append((g, s, s if t == "S" else int(t)))
-    return out
+QUICK_SETTINGS = [(0.8, 16, 16)]
 
 
-def sweep(checkpoint, quick: bool, n_tasks: int, n_timed: int, repeats: int, log=print) -> list[dict]:
+def grid(gammas, block_sizes, steps) -> list[tuple[float, int, int]]:
+    """(γ, S, T) settings; a step count of "S" means T = S."""
+    return [(float(g), int(s), int(s) if t == "S" else int(t)) for s in block_sizes for t in steps for g in gammas]
+
+
+def sweep(checkpoint, settings, n_tasks: int, n_timed: int, repeats: int, *, mock_ar: bool = True,
+          temperature: float = 0.0, seed: int = 0, log=print) -> list[dict]:
+    """AR (the reference), optionally mock-AR, then mask diffusion at each (γ, S, T); one dict per run."""
     kind, config, params = load_checkpoint(checkpoint)
     if kind != TWO_TOWER:
         raise ValueError(f"{checkpoint}: the sweep needs a TwoTower checkpoint, got {kind}")
@@ -97,22 +83,24 @@ def sweep(checkpoint, quick: bool, n_tasks: int, n_timed: int, repeats: int, log
     tasks = eval_set(TASK_KINDS, n_tasks, seed=1234)
     prompts = [prompt_ids(t) for t in tasks]
     timed = prompts[:n_timed]   # eval_set deals the kinds round-robin, so any prefix mixes them
-    common = dict(eos_token_id=EOS_ID, temperature=FLAGS.temperature, seed=FLAGS.seed)
+    # One prompt width for every call: all prompt lengths share one compiled program per setting.
+    common = dict(eos_token_id=EOS_ID, temperature=temperature, seed=seed,
+                  prompt_width=max(len(p) for p in prompts))
     budget = 16   # answers + EOS fit 16 tokens (twotower_jax.data.tasks)
 
     def measure(mode, generate, reference=None, **setting):
         result = generate(prompts)
-        row = _row(mode, result, _timed(generate, timed, repeats), tasks, prompts, model, params, reference,
+        row = _row(mode, result, timed_one_at_a_time(generate, timed, repeats), tasks, prompts, model, params, reference,
                    **setting)
         log(row)
         return row, result
 
     ar, ar_result = measure("ar", lambda p: generate_ar(model, params, p, max_new_tokens=budget, **common))
     rows, reference = [ar], ar_result.tokens
-    if FLAGS.mock_ar and not quick:
+    if mock_ar:
         rows.append(measure("mock_ar", lambda p: generate_mock_ar(model, params, p, max_new_tokens=budget,
                                                                   **common), reference)[0])
-    for gamma, block, steps in settings(quick):
+    for gamma, block, steps in settings:
         def diffusion(p, gamma=gamma, block=block, steps=steps):
             return generate_mask_diffusion(model, params, p, max_new_tokens=max(budget, block), block_size=block,
                                            steps_per_block=steps, mask_token_id=MASK_ID,
@@ -177,7 +165,9 @@ def main(argv):
     n_tasks = min(FLAGS.n_tasks, 128) if FLAGS.quick else FLAGS.n_tasks
     n_timed = min(FLAGS.n_timed, 16 if FLAGS.quick else n_tasks)
     repeats = min(FLAGS.repeats, 2) if FLAGS.quick else FLAGS.repeats
-    rows = sweep(checkpoint, FLAGS.quick, n_tasks, n_timed, repeats, log=lambda r: None)
+    settings = QUICK_SETTINGS if FLAGS.quick else grid(FLAGS.gammas, FLAGS.block_sizes, FLAGS.steps)
+    rows = sweep(checkpoint, settings, n_tasks, n_timed, repeats, mock_ar=FLAGS.mock_ar and not FLAGS.quick,
+                 temperature=FLAGS.temperature, seed=FLAGS.seed, log=lambda r: None)
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"checkpoint": str(FLAGS.checkpoint), "quick": FLAGS.quick, "n_tasks": n_tasks, "n_timed": n_timed,

@@ -7,7 +7,8 @@ same row.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import statistics
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +62,17 @@ def continuation_perplexity(tower: NemotronH, params: Params, prompts: Sequence[
         if g:
             scored[i, width - 1 - len(g):] = True
     return float(np.exp(-token_logp[scored].mean()))
+
+
+def timed_one_at_a_time(generate: Callable, prompts: Sequence[Sequence[int]], repeats: int = 3
+                        ) -> tuple[int, float]:
+    """(generated tokens, run seconds) of generating each prompt alone (batch 1: the latency-bound regime
+    where block diffusion pays, as in the release's measurements), the median of `repeats` runs per
+    prompt. `generate(list of prompts) -> GenerationResult`; compile time is excluded: the samplers
+    report run time alone and reuse their compiled programs."""
+    tokens, seconds = 0, 0.0
+    for prompt in prompts:
+        runs = [generate([prompt]) for _ in range(repeats)]
+        tokens += len(runs[-1].tokens[0])
+        seconds += statistics.median(r.stats["seconds"] for r in runs)
+    return tokens, seconds

@@ -208,7 +208,7 @@ def _mock_ar_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh,
 
 
 def _generate(loop, model, params, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-              placement: PlacementLike, towers_loop=None):
+              placement: PlacementLike, prompt_width: Optional[int], towers_loop=None):
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     sampling = SamplingParams(temperature, top_k, top_p)
@@ -217,7 +217,7 @@ def _generate(loop, model, params, prompts, max_new_tokens, temperature, top_k, 
     requested = placement.kind
     mesh = make_mesh(placement)
     model = placed_model(model, placement)
-    tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size)
+    tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size, prompt_width)
     seeds = row_seeds(seed, len(tokens))
     statics = dict(model=model, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id)
     if placement.kind == "towers" and towers_loop is not None:
@@ -247,6 +247,7 @@ def generate_ar(
     eos_token_id: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
     placement: PlacementLike = "single",
+    prompt_width: Optional[int] = None,
 ) -> GenerationResult:
     """Generates up to `max_new_tokens` after each prompt. Stats: forward passes, seconds (run only).
 
@@ -254,11 +255,13 @@ def generate_ar(
     `seed`: an int gives row r the seed `seed + r`; a sequence gives one seed per row.
     `placement`: "single" | "towers" (AR uses one tower: all on the context tower's device 0) |
     "sharded" (experts and vocabulary split over 2 devices), see `twotower_jax.sharding`.
+    `prompt_width`: left-pad every batch to this many tokens, so prompts of any length up to it share one
+    compiled program (default: the longest prompt of the batch).
     """
     if isinstance(model, TwoTower):
         model, params = model.context, params["context"]
     result, advances, _ = _generate(ar_loop, model, params, prompts, max_new_tokens, temperature, top_k, top_p,
-                                    eos_token_id, seed, placement)
+                                    eos_token_id, seed, placement, prompt_width)
     result.stats.update(forward_passes=1 + advances, context_passes=1 + advances)
     return result
 
@@ -275,6 +278,7 @@ def generate_mock_ar(
     eos_token_id: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
     placement: PlacementLike = "single",
+    prompt_width: Optional[int] = None,
 ) -> GenerationResult:
     """The release's `generate_mock_ar`: the denoiser as a one-token-per-step AR decoder (SPEC §4.2).
 
@@ -283,7 +287,8 @@ def generate_mock_ar(
     if not isinstance(model, TwoTower):
         raise ValueError("mock-AR needs a TwoTower model (context + denoiser towers)")
     result, advances, prompt_len = _generate(mock_ar_loop, model, params, prompts, max_new_tokens, temperature,
-                                             top_k, top_p, eos_token_id, seed, placement, _mock_ar_towers)
+                                             top_k, top_p, eos_token_id, seed, placement, prompt_width,
+                                             _mock_ar_towers)
     result.stats.update(forward_passes=1 + advances, denoiser_passes=1 + advances,
                         context_passes=int(prompt_len > 1) + advances)
     return result

@@ -279,6 +279,7 @@ def generate_mask_diffusion(
     eos_token_id: Optional[int] = None,
     seed: Union[int, Sequence[int]] = 0,
     placement: PlacementLike = "single",
+    prompt_width: Optional[int] = None,
 ) -> GenerationResult:
     """The release's `generate_mask_diffusion`, batched. Returns tokens per row (cut after EOS) and stats.
 
@@ -287,6 +288,7 @@ def generate_mask_diffusion(
     `logprobs` is empty per row: diffusion commits tokens from a changing canvas, and the probability
     of a token at its commit step is not a log-likelihood of the sequence.
     `seed`: an int gives row r the seed `seed + r`; a sequence gives one seed per row.
+    `prompt_width`: left-pad every batch to this many tokens (one compiled program for all shorter prompts).
     """
     if not isinstance(model, TwoTower):
         raise ValueError("mask diffusion needs a TwoTower model (context + denoiser towers)")
@@ -298,7 +300,7 @@ def generate_mask_diffusion(
     placement = resolve(placement)
     mesh = make_mesh(placement)
     model = placed_model(model, placement)
-    tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size)
+    tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size, prompt_width)
     seeds = row_seeds(seed, len(tokens))
     statics = dict(max_new_tokens=max_new_tokens, dp=dp, eos_token_id=eos_token_id)
     if placement.kind == "towers":

@@ -7,8 +7,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (tokens (b, p) int32, valid (b, p) bool), each row right-aligned."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, vocab_size: int, width: Optional[int] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (tokens (b, p) int32, valid (b, p) bool), each row right-aligned. p = the longest prompt,
+    or `width` if given (a fixed width compiles one program for every prompt length up to it)."""
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     rows = [list(map(int, p)) for p in prompts]
@@ -18,7 +20,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, vocab_size: int) -> 
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:8]}")
-    width = max(len(r) for r in rows)
+    longest = max(len(r) for r in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"prompt_width {width} is shorter than the longest prompt ({longest} tokens)")
+    width = longest if width is None else width
     tokens = np.full((len(rows), width), pad_id, np.int32)
     valid = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):
