@@ -73,3 +73,11 @@ def test_expert_parallel_without_mesh_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a mesh with an 'expert' axis"):
         experts_expert_parallel(*problem)
 
+
+
+def test_auto_dispatch_picks_by_call_size_and_backend():
+    from twotower_jax.layers.moe import GATHER_MAX_TOKENS, resolve_moe_impl
+    assert resolve_moe_impl("auto", 1, "cpu") == resolve_moe_impl("auto", GATHER_MAX_TOKENS, "gpu") == "gather"
+    assert resolve_moe_impl("auto", GATHER_MAX_TOKENS + 1, "cpu") == "dense"
+    assert resolve_moe_impl("auto", 512, "gpu") == "ragged"
+    assert resolve_moe_impl("ragged", 1, "cpu") == "ragged"   # an explicit choice is kept

@@ -38,13 +38,7 @@ from twotower_jax.two_tower import TwoTower
 
 MODES = ("ar", "mock_ar", "diffusion")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MOE_IMPLS = {"simple": "dense", "ragged": "ragged", "gather": "gather"}          # CLI name -> Impl.moe
-
-
-def default_moe_impl(backend: str) -> str:
-    """`--moe-impl auto`: on CPU the dense all-experts dispatch beats `ragged_dot` at the sizes measured in
-    experiments/results/moe_cpu.md (5x at 512 tokens); elsewhere the sorted ragged dispatch."""
-    return "dense" if backend == "cpu" else "ragged"
+MOE_IMPLS = {"auto": "auto", "simple": "dense", "ragged": "ragged", "gather": "gather"}  # CLI name -> Impl.moe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssd-impl", choices=sorted(SSD_IMPL_NAMES), default=None,
                    help="Mamba scan: reference (sequential), xla (chunked), pallas, auto (pallas on GPU, xla "
                         "elsewhere; the default)")
-    p.add_argument("--moe-impl", choices=["auto"] + sorted(MOE_IMPLS), default="auto",
-                   help="MoE dispatch: simple (dense reference), ragged, gather; auto: simple on CPU, ragged "
-                        "elsewhere (sharded always splits experts with the expert-parallel dispatch)")
+    p.add_argument("--moe-impl", choices=sorted(MOE_IMPLS), default="auto",
+                   help="MoE dispatch: simple (dense reference), ragged, gather; auto: gather for decode-sized calls, "
+                        "else simple on CPU and ragged elsewhere (sharded: always the expert-parallel dispatch)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -109,7 +103,7 @@ def implementation(args: argparse.Namespace) -> Impl:
                              f"dispatch; drop --moe-impl {args.moe_impl} (or use --placement single/towers)")
         moe = "expert_parallel"
     else:
-        moe = default_moe_impl(jax.default_backend()) if args.moe_impl == "auto" else MOE_IMPLS[args.moe_impl]
+        moe = MOE_IMPLS[args.moe_impl]
     impl = Impl(moe=moe)
     return impl if args.ssd_impl is None else dataclasses.replace(impl, scan=SSD_IMPL_NAMES[args.ssd_impl])
 

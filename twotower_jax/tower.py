@@ -37,7 +37,7 @@ Params = dict[str, Any]
 class Impl:
     """Implementation choices that do not change the math (resolved at trace time)."""
     scan: ScanImpl = "auto"  # pallas on GPU, chunked elsewhere
-    moe: MoEImpl = "ragged"
+    moe: MoEImpl = "auto"
 
 
 class Block(nn.Module):

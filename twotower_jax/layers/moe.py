@@ -22,7 +22,21 @@ from jaxtyping import Array, Float, Int
 
 from twotower_jax.config import NemotronHConfig
 
-MoEImpl = Literal["ragged", "dense", "gather", "expert_parallel"]
+MoEImpl = Literal["auto", "ragged", "dense", "gather", "expert_parallel"]
+# Calls with at most this many tokens (decode steps) gather the chosen experts' weights per token:
+# 3.8x the dense dispatch at batch 1 and 1.8x at batch 8 on CPU (experiments/results/tower_cpu.md).
+GATHER_MAX_TOKENS = 8
+
+
+def resolve_moe_impl(impl: str, n_tokens: int, backend: str) -> str:
+    """`auto` → `gather` for decode-sized calls; otherwise the dense all-experts dispatch on CPU (5x
+    ragged_dot at 512 tokens, experiments/results/moe_cpu.md) and the sorted ragged dispatch elsewhere.
+    Resolved at trace time: the token count is a static shape."""
+    if impl != "auto":
+        return impl
+    if n_tokens <= GATHER_MAX_TOKENS:
+        return "gather"
+    return "dense" if backend == "cpu" else "ragged"
 EXPERT_AXIS = "expert"
 
 
@@ -133,7 +147,7 @@ class MoE(nn.Module):
     config: NemotronHConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    impl: MoEImpl = "ragged"
+    impl: MoEImpl = "auto"
 
     @nn.compact
     def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
@@ -147,9 +161,10 @@ class MoE(nn.Module):
 
         tokens = x.reshape(-1, d)
         weights, idx = route(tokens, gate_weight, correction_bias, cfg)
-        dispatch = _DISPATCH.get(self.impl)
+        impl = resolve_moe_impl(self.impl, tokens.shape[0], jax.default_backend())
+        dispatch = _DISPATCH.get(impl)
         if dispatch is None:
-            raise ValueError(f"unknown MoE impl {self.impl!r}; expected one of {sorted(_DISPATCH)}")
+            raise ValueError(f"unknown MoE impl {self.impl!r}; expected auto or one of {sorted(_DISPATCH)}")
         routed = dispatch(tokens.astype(self.dtype), up, down, weights, idx).astype(x.dtype).reshape(x.shape)
         shared = ReluSquaredMLP(d, cfg.moe_shared_expert_intermediate_size, self.dtype, self.param_dtype,
                                 name="shared_experts")(x)

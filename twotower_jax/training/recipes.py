@@ -44,11 +44,6 @@ def demo_config() -> NemotronHConfig:
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def training_impl() -> Impl:
-    """On CPU the dense expert dispatch is the fastest (experiments/results/moe_cpu.md)."""
-    return Impl(moe="dense" if jax.default_backend() == "cpu" else "ragged")
-
-
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
     seq_len: int = 128
@@ -72,7 +67,7 @@ def train_ar_tower(workdir: str | Path, train_cfg: TrainConfig, data: DataSettin
     """Trains a tower from scratch; returns the path of its checkpoint (None if stopped early)."""
     workdir = Path(workdir)
     config = config or demo_config()
-    model = NemotronH(config, impl=training_impl())
+    model = NemotronH(config, impl=Impl())
     params = model.init_params(jax.random.key(train_cfg.seed))
     stream = data.stream()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +90,7 @@ def train_denoiser(context_checkpoint: str | Path, workdir: str | Path, train_cf
     kind, config, context = load_checkpoint(context_checkpoint)
     if kind != TOWER:
         raise ValueError(f"{context_checkpoint}: expected a single-tower checkpoint, got {kind}")
-    model = TwoTower(config, impl=training_impl())
+    model = TwoTower(config, impl=Impl())
     adaln = identity_adaln_params(model, jax.random.key(train_cfg.seed))
     params = two_tower_params_from_tower(context, adaln)
     workdir.mkdir(parents=True, exist_ok=True)
