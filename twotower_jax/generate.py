@@ -3,10 +3,12 @@
     python -m twotower_jax.generate --checkpoint DIR --mode {ar,mock_ar,diffusion} --prompt-ids 5,6,7 --json
 
 `--checkpoint` is a HF-layout directory or an orbax checkpoint made by `python -m convert`, holding a
-single Nemotron-H tower (AR only) or a TwoTower (all modes; AR uses the context tower).
+single Nemotron-H tower (AR only) or a TwoTower (all modes; AR uses the context tower); `demo` names the
+small TwoTower shipped in the package.
 
 `--prompt-ids` may repeat (one batch row each, left-padded); `--prompt TEXT` (also repeatable) needs a
-`tokenizer.json` in the checkpoint directory and the `tokenizers` package. Prints one JSON object with
+`tokenizer.json` in the checkpoint directory and the `tokenizers` package, or a checkpoint marked with
+`byte_tokenizer.json` (the demo model: BOS + UTF-8 bytes, `twotower_jax.data.ByteTokenizer`). Prints one JSON object with
 `tokens` (generated ids per row, cut after EOS), `logprobs` and `stats` when `--json` is given.
 
 `--placement` puts the model on one device, the two towers on two devices, or both towers' experts and
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 from twotower_jax import sharding
 from twotower_jax.checkpoint.hf import TWO_TOWER
-from twotower_jax.checkpoint.load import load_checkpoint
+from twotower_jax.checkpoint.load import load_checkpoint, resolve_checkpoint
 from twotower_jax.checkpoint.mapping import keeps_float32
 from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, read_manifest, restore_orbax_checkpoint
 from twotower_jax.ops.ssd import SSD_IMPL_NAMES
@@ -43,12 +45,14 @@ MOE_IMPLS = {"auto": "auto", "simple": "dense", "ragged": "ragged", "gather": "g
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m twotower_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="HF-layout directory (config.json + safetensors) or orbax checkpoint from `python -m convert`")
+    p.add_argument("--checkpoint", required=True, help="HF-layout directory (config.json + safetensors), orbax "
+                   "checkpoint from `python -m convert`, or `demo` (the small TwoTower shipped in the package)")
     p.add_argument("--mode", choices=MODES, default="ar")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="comma-separated token ids; repeat for a batch")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="text prompt (needs tokenizer.json in the checkpoint); repeat for a batch")
+                   help="text prompt (needs tokenizer.json in the checkpoint, or the demo model's byte "
+                        "tokenizer); repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -84,7 +88,36 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"   # marks checkpoints trained on twotower_jax.data's byte ids
+
+
+class _HFTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+class _BytePrompts:
+    """The demo model's tokenizer: BOS + UTF-8 bytes (twotower_jax.data.ByteTokenizer)."""
+    def __init__(self):
+        from twotower_jax.data import ByteTokenizer
+        self.tokenizer = ByteTokenizer()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=True)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
 def _load_tokenizer(directory: Path):
+    if (directory / BYTE_TOKENIZER_FILE).is_file():
+        return _BytePrompts()
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"--prompt needs {path}; give --prompt-ids instead")
@@ -92,7 +125,7 @@ def _load_tokenizer(directory: Path):
         from tokenizers import Tokenizer
     except ImportError:
         raise ValueError("--prompt needs the `tokenizers` package (pip install tokenizers)") from None
-    return Tokenizer.from_file(str(path))
+    return _HFTokenizer(Tokenizer.from_file(str(path)))
 
 
 def implementation(args: argparse.Namespace) -> Impl:
@@ -132,14 +165,14 @@ def _check_kind(kind: str, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    directory = Path(args.checkpoint)
+    directory = resolve_checkpoint(args.checkpoint)
     if not directory.is_dir():
         raise ValueError(f"--checkpoint {directory}: no such directory")
     if bool(args.prompt_ids) == bool(args.prompt):
         raise ValueError("give prompts either as --prompt-ids or as --prompt, not both and not neither")
     tokenizer = _load_tokenizer(directory) if args.prompt else None
     prompts = ([_parse_ids(t) for t in args.prompt_ids] if args.prompt_ids
-               else [tokenizer.encode(t).ids for t in args.prompt])
+               else [tokenizer.encode(t) for t in args.prompt])
 
     dtype = DTYPES[args.dtype]
     impl = implementation(args)

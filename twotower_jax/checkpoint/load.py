@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from twotower_jax.checkpoint.hf import TWO_TOWER, checkpoint_kind, load_hf_tower, load_hf_two_tower
+from twotower_jax.checkpoint.hf import TWO_TOWER, CheckpointError, checkpoint_kind, load_hf_tower, load_hf_two_tower
 from twotower_jax.checkpoint.mapping import keeps_float32
 from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, restore_orbax_checkpoint
 
@@ -22,7 +22,7 @@ def resolve_checkpoint(name: str | os.PathLike) -> Path:
     (trained by experiments/train_ar.py + train_denoiser.py; see its README.md)."""
     if str(name) == DEMO:
         if not (DEMO_DIR / "twotower_jax.json").is_file():
-            raise FileNotFoundError(f"the packaged demo checkpoint is missing at {DEMO_DIR}")
+            raise CheckpointError(f"the packaged demo checkpoint is missing at {DEMO_DIR}")
         return DEMO_DIR
     return Path(name)
 

@@ -33,14 +33,19 @@ CHECKPOINT = "checkpoint"
 RUN_FILE = "run.json"
 
 
-def demo_config() -> NemotronHConfig:
+def demo_config(hidden_size: int = 64) -> NemotronHConfig:
     """The miniature backbone: every Nemotron-H layer kind but the dense MLP (the release has none),
-    GQA, n_groups 2, top-2 of 4 non-gated relu² experts plus a shared expert; byte vocabulary."""
-    return tiny(pattern="M*EM*E", vocab_size=PADDED_VOCAB_SIZE, hidden_size=128,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=32, n_groups=2, chunk_size=16,
-                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
-                moe_shared_expert_intermediate_size=128, routed_scaling_factor=1.0,
+    GQA, n_groups 2, top-2 of 4 non-gated relu² experts plus a shared expert; byte vocabulary. Widths
+    scale with `hidden_size` (Mamba inner = 2·hidden). Small widths keep a 16-token denoiser pass close
+    to a 1-token decode step in cost on a CPU, the regime where block diffusion can pay."""
+    h = hidden_size
+    if h % 8:
+        raise ValueError(f"hidden_size must be a multiple of 8, got {h}")
+    return tiny(pattern="M*EM*E", vocab_size=PADDED_VOCAB_SIZE, hidden_size=h,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=h // 4,
+                mamba_num_heads=8, mamba_head_dim=h // 4, ssm_state_size=32, n_groups=2, chunk_size=16,
+                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=h,
+                moe_shared_expert_intermediate_size=h, routed_scaling_factor=1.0,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
