@@ -138,8 +138,20 @@ def test_demo_runs(capsys):
     from twotower_jax import demo
     assert demo.main() == 0
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out and out.count("row 1:") == 3
-    assert "forward passes" in out and "tokens per denoiser pass" in out
+    for mode in ("[ar]", "[mock_ar]", "[diffusion]"):
+        assert mode in out
+    assert out.count("reverse diffusion=") == 3     # each prompt answered in every mode
+    table = out[out.index("tokens/pass"):].splitlines()
+    assert [line.split()[0] for line in table[1:4]] == ["ar", "mock_ar", "diffusion"]
+    assert all(float(line.split()[2]) > 0 for line in table[1:4])   # tokens/s measured
+
+
+def test_cli_text_prompt_with_the_demo_checkpoint(capsys):
+    out = run_cli(capsys, "--checkpoint", "demo", "--mode", "ar", "--prompt", "copy abc=", "--prompt", "add 1+2=",
+                  "--max-new-tokens", "4", "--eos-token-id", "-1", "--json")
+    assert len(out["text"]) == 2 and all(len(row) == 4 for row in out["tokens"])
+    from twotower_jax.data import ByteTokenizer
+    assert out["text"][0] == ByteTokenizer().decode(out["tokens"][0])
 
 
 @pytest.fixture(scope="module")
