@@ -15,6 +15,7 @@ against speed-up, one line per (S, T) over γ.
 from __future__ import annotations
 
 import json
+import statistics
 import platform
 import time
 from pathlib import Path
@@ -113,6 +114,31 @@ def sweep(checkpoint, settings, n_tasks: int, n_timed: int, repeats: int, *, moc
     return rows
 
 
+def pass_costs(model, params, prompt, prompt_width: int, block: int = 16, repeats: int = 20) -> dict:
+    """Milliseconds per piece at batch 1, from whole-sampler runs that differ in one thing (medians):
+    AR prefill (1 new token), one AR decode step ((16 tokens − 1 token) / 15, no EOS stop), and one
+    denoiser pass over a block ((T = S passes at γ = 1 − one pass at T = 1) / (S − 1)). This is the cost
+    model behind the speed-ups: diffusion pays when tokens/pass exceeds pass ÷ decode step."""
+    def median_ms(run):
+        run()
+        return 1e3 * statistics.median(run().stats["seconds"] for _ in range(repeats))
+
+    def ar(n):
+        return lambda: generate_ar(model, params, [prompt], max_new_tokens=n, prompt_width=prompt_width)
+
+    def diffusion(steps, gamma):
+        return lambda: generate_mask_diffusion(model, params, [prompt], max_new_tokens=block, block_size=block,
+                                               steps_per_block=steps, mask_token_id=MASK_ID,
+                                               confidence_threshold=gamma, prompt_width=prompt_width)
+    prefill, ar_all = median_ms(ar(1)), median_ms(ar(block))
+    one_pass, all_passes = median_ms(diffusion(1, 0.0)), median_ms(diffusion(block, 1.0))
+    decode = (ar_all - prefill) / (block - 1)
+    denoiser_pass = (all_passes - one_pass) / (block - 1)
+    return {"ar_prefill_ms": prefill, "ar_decode_step_ms": decode, "diffusion_one_pass_total_ms": one_pass,
+            "denoiser_pass_ms": denoiser_pass, "denoiser_pass_over_decode_step": denoiser_pass / decode,
+            "block_size": block}
+
+
 def table(rows) -> str:
     head = f"{'mode':9} {'γ':>5} {'S':>3} {'T':>3} {'acc':>6} {'rel':>6} {'agree':>6} {'ppl':>6} {'rep':>5} " \
            f"{'tok/pass':>8} {'tok/s':>8} {'×AR':>6}"
@@ -168,16 +194,20 @@ def main(argv):
     settings = QUICK_SETTINGS if FLAGS.quick else grid(FLAGS.gammas, FLAGS.block_sizes, FLAGS.steps)
     rows = sweep(checkpoint, settings, n_tasks, n_timed, repeats, mock_ar=FLAGS.mock_ar and not FLAGS.quick,
                  temperature=FLAGS.temperature, seed=FLAGS.seed, log=lambda r: None)
+    _, config, params = load_checkpoint(checkpoint)
+    prompt = prompt_ids(eval_set(TASK_KINDS, 1, seed=1234)[0])
+    costs = pass_costs(TwoTower(config), params, prompt, prompt_width=24, repeats=5 if FLAGS.quick else 20)
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"checkpoint": str(FLAGS.checkpoint), "quick": FLAGS.quick, "n_tasks": n_tasks, "n_timed": n_timed,
             "timing_batch_size": 1, "repeats": repeats,
             "temperature": FLAGS.temperature, "machine": f"{platform.processor() or platform.machine()}, "
             f"{jax.device_count()} {jax.default_backend()} device(s)", "jax": jax.__version__,
-            "wall_seconds": round(time.perf_counter() - start, 1)}
+            "wall_seconds": round(time.perf_counter() - start, 1), "pass_costs": costs}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
     print(table(rows))
+    print("batch-1 costs (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items() if k != "block_size"))
     print(f"wrote {out} and {out.with_suffix('.png')} ({meta['wall_seconds']} s)")
 
 
