@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m twotower_jax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -258,3 +258,21 @@ def test_block_aligned_stream_starts_answers_on_block_boundaries():
     assert ends > 5
     with pytest.raises(ValueError, match="block_size"):
         TrainingStream(128, 4, block_size=0)
+
+
+def test_corpus_ignores_what_the_process_imported_before():
+    """torch replaces inspect.getfile when imported; the corpus must not change with it."""
+    import inspect
+    before = corpus.corpus_fingerprint()
+    original = inspect.getfile
+    try:
+        def getfile(obj):   # a patched-in replacement, as torch installs
+            return original(obj)
+        getfile.__module__ = "somebody_else"
+        inspect.getfile = getfile
+        corpus._all_documents.cache_clear()
+        corpus.load_corpus.cache_clear()
+        assert corpus.corpus_fingerprint() == before
+        assert "inspect.getfile:" in corpus.load_corpus(split="all")
+    finally:
+        inspect.getfile = original

@@ -3,8 +3,8 @@ of a fixed list of standard-library modules.
 
 One *document* per module: its own docstring, then each public function's and class's own
 docstring (and those of a class's public methods), in sorted order. Only ``__doc__`` attributes
-are read (never signatures, whose default-value reprs can hold memory addresses), so the text is
-the same in every process on a machine. Other CPython patch versions may word a docstring
+are read (never signatures, whose default-value reprs can hold memory addresses), in a fresh
+interpreter that imports nothing else, so the text is the same in every process on a machine. Other CPython patch versions may word a docstring
 differently; ``corpus_fingerprint`` records which text a run saw, for information only.
 
 The module list is fixed and sorted, and holds only modules whose import has no visible side
@@ -19,8 +19,13 @@ import functools
 import hashlib
 import importlib
 import inspect
+import json
+import os
 import re
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 MODULES = (
     "abc", "argparse", "array", "ast", "base64", "bisect", "bz2", "calendar", "cmath", "codecs",
@@ -98,9 +103,25 @@ def _module_document(name: str) -> str:
     return DOC_SEPARATOR.join(parts)
 
 
+def _documents_in_this_process() -> dict[str, str]:
+    return {name: _module_document(name) for name in MODULES}
+
+
+_WORKER = ("import json, sys; from twotower_jax.data import corpus; "
+           "sys.stdout.write(json.dumps(corpus._documents_in_this_process()))")
+
+
 @functools.lru_cache(maxsize=None)
 def _all_documents() -> dict[str, str]:
-    return {name: _module_document(name) for name in MODULES}
+    """Collected in a fresh interpreter that imports nothing else: libraries patch standard-library
+    functions when imported (torch replaces `inspect.getfile`), which would make the text depend on what
+    this process happened to import before."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _WORKER], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"collecting the stdlib docstring corpus failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout)
 
 
 def corpus_documents(split: str = "train") -> list[str]:

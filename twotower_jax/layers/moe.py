@@ -83,10 +83,18 @@ def route(
     return weights * config.routed_scaling_factor, idx
 
 
+def _einsum_f32(spec: str, a, b):
+    """einsum accumulating in float32. XLA:CPU has no BF16 x BF16 = F32 kernel for some batched dots, so
+    there the operands are widened first (exact for bf16, so the result is the same)."""
+    if jax.default_backend() == "cpu":
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def experts_dense(x, up, down, weights, idx):
     """Reference dispatch: all experts on all tokens. x (t,d), up (e,d,f), down (e,f,d)."""
-    h = relu_squared(jnp.einsum("td,edf->tef", x, up, preferred_element_type=jnp.float32))
-    out = jnp.einsum("tef,efd->ted", h.astype(x.dtype), down, preferred_element_type=jnp.float32)
+    h = relu_squared(_einsum_f32("td,edf->tef", x, up))
+    out = _einsum_f32("tef,efd->ted", h.astype(x.dtype), down)
     combine = jnp.zeros((x.shape[0], up.shape[0]), jnp.float32).at[
         jnp.arange(x.shape[0])[:, None], idx].add(weights)
     return jnp.einsum("te,ted->td", combine, out)
@@ -94,8 +102,8 @@ def experts_dense(x, up, down, weights, idx):
 
 def experts_gather(x, up, down, weights, idx):
     """Gather dispatch: each token's k experts' weights are gathered and applied to it alone."""
-    h = relu_squared(jnp.einsum("td,tkdf->tkf", x, up[idx], preferred_element_type=jnp.float32))
-    out = jnp.einsum("tkf,tkfd->tkd", h.astype(x.dtype), down[idx], preferred_element_type=jnp.float32)
+    h = relu_squared(_einsum_f32("td,tkdf->tkf", x, up[idx]))
+    out = _einsum_f32("tkf,tkfd->tkd", h.astype(x.dtype), down[idx])
     return jnp.einsum("tk,tkd->td", weights, out)
 
 
