@@ -7,14 +7,12 @@ is the median of --repeats runs. On CPU these numbers compare dispatches on this
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import compile_and_time, write_results
 from twotower_jax.layers.moe import (EXPERT_AXIS, experts_dense, experts_expert_parallel, experts_gather,
                                      experts_ragged)
 
@@ -30,17 +28,6 @@ def problem(tokens, experts, k, d, f, dtype, seed=0):
     idx = jnp.asarray(np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]), jnp.int32)
     weights = jnp.asarray(rng.uniform(0.1, 1, (tokens, k)), jnp.float32)
     return x, up, down, weights, idx
-
-
-def time_it(fn, args, repeats):
-    compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))  # warm-up run
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), compiled(*args)
 
 
 def main():
@@ -61,9 +48,9 @@ def main():
     for tokens in args.tokens:
         inputs = problem(tokens, args.experts, args.top_k, args.hidden, args.expert_width, dtype)
         with jax.set_mesh(mesh):  # every dispatch timed under the same mesh context
-            measured = {name: time_it(fn, inputs, args.repeats) for name, fn in DISPATCHES.items()}
-        reference_s, reference = measured["dense"]
-        for name, (seconds, out) in measured.items():
+            measured = {name: compile_and_time(fn, inputs, args.repeats) for name, fn in DISPATCHES.items()}
+        reference_s, _, reference = measured["dense"]
+        for name, (seconds, _, out) in measured.items():
             err = float(jnp.max(jnp.abs(out - reference)) / jnp.max(jnp.abs(reference)))
             rows.append({"tokens": tokens, "dispatch": name, "ms": seconds * 1e3,
                          "speedup_vs_dense": reference_s / seconds, "max_rel_err_vs_dense": err})
@@ -75,10 +62,7 @@ def main():
         print(f"{r['tokens']:>7} {r['dispatch']:>16} {r['ms']:>9.3f} {r['speedup_vs_dense']:>8.2f}x "
               f"{r['max_rel_err_vs_dense']:>9.1e}")
     if args.out:
-        meta = {"args": vars(args), "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-                "host": platform.processor() or platform.machine()}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_results(args.out, rows, args)
 
 
 if __name__ == "__main__":

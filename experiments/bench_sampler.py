@@ -11,12 +11,11 @@ against `single`'s.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 
 import jax
 import numpy as np
 
+from bench_common import write_results
 from bench_tower import bench_config
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
@@ -89,10 +88,7 @@ def main():
         print(f"{r['mode']:>9} {r['placement']:>21} {r['ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['vs_single']:>9.2f}x "
               f"{str(r['same_tokens_as_first']):>12} {r['compile_s']:>10.1f}")
     if args.out:
-        meta = {"args": vars(args), "params": count_params(params), "devices": [str(d) for d in jax.devices()],
-                "jax": jax.__version__, "host": platform.processor() or platform.machine()}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_results(args.out, rows, args, params=count_params(params))
 
 
 if __name__ == "__main__":

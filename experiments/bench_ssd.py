@@ -13,14 +13,12 @@ state written once.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import compile_and_time, write_results
 from twotower_jax.ops.ssd import SSD_IMPL_NAMES, ssd_chunked, ssd_sequential
 from twotower_jax.ops.ssd_pallas import ssd_pallas
 
@@ -57,19 +55,6 @@ def forward_backward(scan, cotangents):
         outputs, vjp = jax.vjp(scan, *args)
         return outputs, vjp(cotangents)
     return run
-
-
-def time_it(fn, args, repeats):
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))  # warm-up run
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), compile_s, compiled(*args)
 
 
 def max_rel_err(tree, reference):
@@ -117,7 +102,7 @@ def main():
                 measured = {}
                 for name, scan in scans(args.chunk_size).items():
                     fn = scan if mode == "fwd" else forward_backward(scan, cotangents)
-                    measured[name] = time_it(fn, inputs, args.repeats)
+                    measured[name] = compile_and_time(fn, inputs, args.repeats)
                 reference_s, _, reference = measured["reference"]
                 for name, (seconds, compile_s, out) in measured.items():
                     row = {"size": size, "heads": heads, "head_dim": head_dim, "state": state, "groups": groups,
@@ -146,11 +131,8 @@ def main():
         print(f"{r['size']:>5} {dims:>12} {r['length']:>6} {r['mode']:>7} {r['impl']:>9} {r['ms']:>10.3f} "
               f"{r['speedup_vs_reference']:>7.2f}x {r['max_rel_err_vs_reference']:>8.1e}{bw}")
     if args.out:
-        meta = {"args": vars(args), "devices": [str(d) for d in jax.devices()], "device_kind": device.device_kind,
-                "jax": jax.__version__, "host": platform.processor() or platform.machine(),
-                "pallas_interpret_mode": not on_gpu, "peak_bandwidth_bytes_per_s": peak}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_results(args.out, rows, args, device_kind=device.device_kind, pallas_interpret_mode=not on_gpu,
+                      peak_bandwidth_bytes_per_s=peak)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,12 @@ is the median of --repeats runs. Ratios are against the dense dispatch in the sa
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import median_seconds, write_results
 from twotower_jax.config import tiny
 from twotower_jax.tower import Impl, NemotronH, count_params
 
@@ -27,16 +25,6 @@ def bench_config(pattern: str):
                 head_dim=32, mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=16, n_groups=2, chunk_size=32,
                 n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
                 moe_shared_expert_intermediate_size=256, intermediate_size=256)
-
-
-def median_seconds(compiled, args, repeats):
-    jax.block_until_ready(compiled(*args))  # warm-up run
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():
@@ -92,10 +80,7 @@ def main():
         print(f"{r['phase']:>8} {r['batch']:>6} {r['length']:>7} {r['moe']:>7} {r['ms']:>9.2f} "
               f"{r['tokens_per_s']:>10.0f} {r['vs_dense']:>8.2f}x")
     if args.out:
-        meta = {"args": vars(args), "params": count_params(params), "devices": [str(d) for d in jax.devices()],
-                "jax": jax.__version__, "host": platform.processor() or platform.machine()}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_results(args.out, rows, args, params=count_params(params))
 
 
 if __name__ == "__main__":
