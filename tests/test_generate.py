@@ -1,6 +1,7 @@
 """Sampling rules, EOS handling and the command line."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -202,3 +203,18 @@ def test_cli_single_tower_checkpoint_refuses_two_tower_modes(checkpoint, capsys,
     with pytest.raises(SystemExit):
         generate.main(["--checkpoint", str(checkpoint[0]), "--mode", mode, "--prompt-ids", "5"])
     assert f"--mode {mode} needs a TwoTower checkpoint" in capsys.readouterr().err
+
+
+def test_compiled_executables_are_kept_per_argument_signature():
+    """Repeat runs reuse the executable (a fresh one's first run is slow on a CPU and would be timed);
+    another shape or dtype compiles its own."""
+    from twotower_jax.sampling.timing import compile_and_run, compiled_for
+    double = jax.jit(lambda x: x * 2)
+    first, first_s = compiled_for(double, jnp.ones(3))
+    again, again_s = compiled_for(double, jnp.ones(3))
+    assert again is first and again_s == 0.0 and first_s > 0.0
+    assert compiled_for(double, jnp.ones(4))[0] is not first
+    assert compiled_for(double, jnp.ones(3, jnp.int32))[0] is not first
+    out, compile_s, run_s = compile_and_run(double, jnp.arange(3.0))
+    np.testing.assert_array_equal(out, [0.0, 2.0, 4.0])
+    assert compile_s == 0.0 and run_s > 0.0

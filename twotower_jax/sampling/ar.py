@@ -189,10 +189,10 @@ def _mock_ar_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh,
     cache_struct = jax.eval_shape(prefix, context_params, tokens, valid)
     state_struct = jax.eval_shape(start, denoiser_params, first_fed, cache_struct, seeds)[0]
     (prefix_c, extend_c, start_c, step_c), compile_s = compile_pieces(
-        (prefix, (context_params, tokens, valid), {}),
-        (extend, (context_params, on(first_fed, context_at), on(cache_struct, context_at)), {}),
-        (start, (denoiser_params, on(first_fed, denoiser_at), on(cache_struct, denoiser_at), seeds), {}),
-        (step, (denoiser_params, on(state_struct, denoiser_at), on(cache_struct, denoiser_at), seeds), {}))
+        (prefix, (context_params, tokens, valid)),
+        (extend, (context_params, on(first_fed, context_at), on(cache_struct, context_at))),
+        (start, (denoiser_params, on(first_fed, denoiser_at), on(cache_struct, denoiser_at), seeds)),
+        (step, (denoiser_params, on(state_struct, denoiser_at), on(cache_struct, denoiser_at), seeds)))
 
     begin = time.perf_counter()
     cache = prefix_c(context_params, tokens, valid)

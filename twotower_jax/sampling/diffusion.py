@@ -242,10 +242,10 @@ def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, mes
     canvas = jax.ShapeDtypeStruct((batch, dp.block_size), jnp.int32, sharding=context_at)
     widths = sorted(blocks)
     compiled, compile_s = compile_pieces(
-        (prefill, (context_params, tokens, valid), {}),
-        (extend, (context_params, on(cache_struct, context_at), canvas, on(state_struct.done, context_at)), {}),
-        (count, (state_struct,), {}),
-        *[(blocks[w], (denoiser_params, on(cache_struct, denoiser_at), seeds, state_struct, index), {})
+        (prefill, (context_params, tokens, valid)),
+        (extend, (context_params, on(cache_struct, context_at), canvas, on(state_struct.done, context_at))),
+        (count, (state_struct,)),
+        *[(blocks[w], (denoiser_params, on(cache_struct, denoiser_at), seeds, state_struct, index))
           for w in widths])
     prefill_c, extend_c, count_c, *block_c = compiled
     block_c = dict(zip(widths, block_c))
