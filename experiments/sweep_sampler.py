@@ -9,7 +9,9 @@ prompt at a time (batch 1, the latency-bound regime of the release's measurement
 accuracy (exact match), relative_accuracy (÷ AR's), agreement_with_ar (identical answers), perplexity (the
 context tower's, of the generated tokens) with repetition (repeated 3-grams), tokens_per_denoiser_pass,
 tokens_per_second (generated tokens up to and including EOS ÷ run seconds at batch 1, compile excluded) and
-speedup_vs_ar. AR and every diffusion setting are measured in the same run. A PNG plots relative accuracy
+speedup_vs_ar. AR and every diffusion setting are measured in the same run. Unless --quick, each block size
+also runs with T = 1 (every block in one denoiser pass): no denoiser can be faster than that schedule, so
+its speed-up is this machine's ceiling for that S, whatever the quality. A PNG plots relative accuracy
 against speed-up, one line per (S, T) over γ.
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ flags.DEFINE_list("gammas", ["0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "1.0"], 
 flags.DEFINE_list("block_sizes", ["8", "16", "32"], "block sizes S")
 flags.DEFINE_list("steps", ["S"], "steps per block T: integers or 'S' (= block size)")
 flags.DEFINE_bool("mock_ar", True, "also run mock-AR (the denoiser decoding one token per pass)")
+flags.DEFINE_bool("one_pass", True, "also run T = 1 per block size: every block in one denoiser pass, the fastest "
+                  "schedule any denoiser allows (its speed-up bounds every other setting's)")
 flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 
@@ -192,6 +196,8 @@ def main(argv):
     n_timed = min(FLAGS.n_timed, 16 if FLAGS.quick else n_tasks)
     repeats = min(FLAGS.repeats, 2) if FLAGS.quick else FLAGS.repeats
     settings = QUICK_SETTINGS if FLAGS.quick else grid(FLAGS.gammas, FLAGS.block_sizes, FLAGS.steps)
+    if FLAGS.one_pass and not FLAGS.quick:
+        settings += [(1.0, int(s), 1) for s in FLAGS.block_sizes if (1.0, int(s), 1) not in settings]
     rows = sweep(checkpoint, settings, n_tasks, n_timed, repeats, mock_ar=FLAGS.mock_ar and not FLAGS.quick,
                  temperature=FLAGS.temperature, seed=FLAGS.seed, log=lambda r: None)
     _, config, params = load_checkpoint(checkpoint)

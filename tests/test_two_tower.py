@@ -235,6 +235,15 @@ def test_commit_extremes(params, steps, gamma, passes_per_block):
     assert result.stats["context_passes"] == 2  # prefill + the first block; the last block is never fed back
 
 
+def test_confidence_threshold_is_a_runtime_input(params):
+    """One compiled program serves every γ (a sweep compiles once per (S, T)), each γ with its own commits."""
+    kw = dict(block_size=4, steps_per_block=4, mask_token_id=3, prompt_width=5)
+    one_per_pass = generate_mask_diffusion(MODEL, params, [[5, 6, 7]], 8, confidence_threshold=1.0, **kw)
+    all_at_once = generate_mask_diffusion(MODEL, params, [[5, 6, 7]], 8, confidence_threshold=0.0, **kw)
+    assert all_at_once.stats["compile_seconds"] == 0.0
+    assert (one_per_pass.stats["denoiser_passes"], all_at_once.stats["denoiser_passes"]) == (8, 2)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(confidence_threshold=1.5), r"confidence_threshold must be in \[0, 1\]"),
     (dict(confidence_threshold=-0.1), r"confidence_threshold must be in \[0, 1\]"),

@@ -37,7 +37,6 @@ class DiffusionParams:
     steps_per_block: int = 16
     mask_token_id: int = 3
     temperature: float = 0.0
-    confidence_threshold: float = 0.9
 
     def validate(self, vocab_size: int) -> None:
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
@@ -47,8 +46,6 @@ class DiffusionParams:
                              f"got {self.steps_per_block}")
         if not 0 <= self.mask_token_id < vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {vocab_size})")
-        if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
@@ -67,8 +64,9 @@ def commit_count(n_masked, n_confident, step, steps_per_block):
 
 
 def _denoise_block(model: TwoTower, params, context_cache, keys, block_index, active, width: int,
-                   dp: DiffusionParams):
-    """Fills one block. Returns (canvas (b, width), denoiser passes per row, batched passes)."""
+                   dp: DiffusionParams, threshold):
+    """Fills one block; `threshold` is γ, a traced scalar. Returns (canvas (b, width), denoiser passes per
+    row, batched passes)."""
     batch = active.shape[0]
     mask_id = dp.mask_token_id
 
@@ -92,7 +90,7 @@ def _denoise_block(model: TwoTower, params, context_cache, keys, block_index, ac
             candidate = jnp.argmax(logits / dp.temperature + gumbel, axis=-1)
         probs = jax.nn.softmax(logits, axis=-1)
         confidence = jnp.take_along_axis(probs, candidate[..., None], axis=-1)[..., 0]
-        n_confident = (masked & (confidence > dp.confidence_threshold)).sum(-1)
+        n_confident = (masked & (confidence > threshold)).sum(-1)
         k = jnp.where(running, commit_count(n_masked, n_confident, step, dp.steps_per_block), 0)
         # Rank masked positions by confidence (ties: lower position first); commit the top k.
         order = jnp.argsort(jnp.where(masked, -confidence, jnp.inf), axis=-1, stable=True)
@@ -126,12 +124,13 @@ def _start_state(batch: int, max_new_tokens: int, pad: int) -> BlockState:
 
 
 def _run_block(model: TwoTower, params, cache, keys, state: BlockState, block_index, width: int, dp: DiffusionParams,
-               eos_token_id: Optional[int]) -> tuple[BlockState, jax.Array]:
+               eos_token_id: Optional[int], threshold) -> tuple[BlockState, jax.Array]:
     """Denoises block `block_index` (`width` positions) for the rows still running and records it.
     Returns (state, canvas (b, width))."""
     batch = state.done.shape[0]
     active = ~state.done
-    canvas, row_passes, passes = _denoise_block(model, params, cache, keys, block_index, active, width, dp)
+    canvas, row_passes, passes = _denoise_block(model, params, cache, keys, block_index, active, width, dp,
+                                                threshold)
     position = jnp.arange(width)
     if eos_token_id is None:
         first_eos = jnp.full((batch,), width)
@@ -162,9 +161,10 @@ def _shape(max_new_tokens: int, dp: DiffusionParams) -> tuple[int, int, int]:
     return n_full, last_width, n_full + (last_width > 0)
 
 
-def diffusion_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max_new_tokens: int,
+def diffusion_loop(params: Params, tokens, valid, seeds, threshold, *, model: TwoTower, max_new_tokens: int,
                    dp: DiffusionParams, eos_token_id: Optional[int]):
-    """The whole generation as one program (traced inside `run_placed`'s jit). Returns (tokens (b, n),
+    """The whole generation as one program (traced inside `run_placed`'s jit); the confidence threshold
+    γ is an input (float32 scalar), so one compiled program serves every γ. Returns (tokens (b, n),
     lengths (b,), per-row denoiser passes, per-row context passes, batched denoiser passes, batched context
     passes)."""
     batch, prompt_len = tokens.shape
@@ -178,7 +178,8 @@ def diffusion_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max
 
     def full_block(carry):
         block_index, state, cache = carry
-        state, canvas = _run_block(model, params, cache, keys, state, block_index, dp.block_size, dp, eos_token_id)
+        state, canvas = _run_block(model, params, cache, keys, state, block_index, dp.block_size, dp, eos_token_id,
+                                   threshold)
         another = (block_index + 1 < n_blocks) & ~jnp.all(state.done)
         state, cache = jax.lax.cond(another, extend, lambda c: c[:2], (state, cache, canvas))
         return block_index + 1, state, cache
@@ -188,7 +189,7 @@ def diffusion_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max
                                          (jnp.int32(0), state, cache))
     if last_width:
         state = jax.lax.cond(jnp.all(state.done), lambda s: s, lambda s: _run_block(
-            model, params, cache, keys, s, jnp.int32(n_full), last_width, dp, eos_token_id)[0], state)
+            model, params, cache, keys, s, jnp.int32(n_full), last_width, dp, eos_token_id, threshold)[0], state)
     return state.out, state.lengths, state.row_den, state.row_ctx, state.den, state.ctx
 
 
@@ -201,15 +202,16 @@ def _towers_pieces(model: TwoTower, max_new_tokens: int, dp: DiffusionParams, eo
         p, tokens, valid, capacity=tokens.shape[1] + max_new_tokens)[1])
     extend = jax.jit(functools.partial(_extend_context, model))
 
-    def block(width, p, cache, seeds, state, block_index):
-        state, canvas = _run_block(model, p, cache, row_keys(seeds), state, block_index, width, dp, eos_token_id)
+    def block(width, p, cache, seeds, state, block_index, threshold):
+        state, canvas = _run_block(model, p, cache, row_keys(seeds), state, block_index, width, dp, eos_token_id,
+                                   threshold)
         return state, canvas, jnp.all(state.done)
 
     blocks = {w: jax.jit(functools.partial(block, w)) for w in {dp.block_size, max_new_tokens % dp.block_size} if w}
     return prefill, extend, blocks, jax.jit(_count_extension)
 
 
-def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh, *, max_new_tokens: int,
+def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, threshold, mesh, *, max_new_tokens: int,
                       dp: DiffusionParams, eos_token_id: Optional[int]):
     """Diffusion with the context tower on device 0 and the denoiser on device 1, block by block.
 
@@ -230,7 +232,7 @@ def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, mes
     context_params = jax.device_put(params["context"], context_at)
     denoiser_params = {"denoiser": jax.device_put(params["denoiser"], denoiser_at)}
     tokens, valid = jax.device_put((tokens, valid), context_at)
-    seeds = jax.device_put(seeds, denoiser_at)
+    seeds, threshold = jax.device_put((seeds, threshold), denoiser_at)
     n_full, last_width, n_blocks = _shape(max_new_tokens, dp)
     prefill, extend, blocks, count = _towers_pieces(model, max_new_tokens, dp, eos_token_id)
 
@@ -245,7 +247,7 @@ def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, mes
         (prefill, (context_params, tokens, valid)),
         (extend, (context_params, on(cache_struct, context_at), canvas, on(state_struct.done, context_at))),
         (count, (state_struct,)),
-        *[(blocks[w], (denoiser_params, on(cache_struct, denoiser_at), seeds, state_struct, index))
+        *[(blocks[w], (denoiser_params, on(cache_struct, denoiser_at), seeds, state_struct, index, threshold))
           for w in widths])
     prefill_c, extend_c, count_c, *block_c = compiled
     block_c = dict(zip(widths, block_c))
@@ -256,7 +258,7 @@ def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, mes
     for block_index in range(n_blocks):
         width = dp.block_size if block_index < n_full else last_width
         state, canvas, all_done = block_c[width](denoiser_params, jax.device_put(cache, denoiser_at), seeds, state,
-                                                 jax.device_put(jnp.int32(block_index), denoiser_at))
+                                                 jax.device_put(jnp.int32(block_index), denoiser_at), threshold)
         if block_index + 1 == n_blocks or bool(all_done):  # the one host sync per block
             break
         cache = extend_c(context_params, cache, jax.device_put(canvas, context_at),
@@ -294,8 +296,12 @@ def generate_mask_diffusion(
         raise ValueError("mask diffusion needs a TwoTower model (context + denoiser towers)")
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-    dp = DiffusionParams(block_size, steps_per_block, mask_token_id, float(temperature), float(confidence_threshold))
+    dp = DiffusionParams(block_size, steps_per_block, mask_token_id, float(temperature))
     dp.validate(model.config.vocab_size)
+    confidence_threshold = float(confidence_threshold)
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    threshold = np.float32(confidence_threshold)
     check_eos(eos_token_id, model.config.vocab_size)
     placement = resolve(placement)
     mesh = make_mesh(placement)
@@ -304,10 +310,10 @@ def generate_mask_diffusion(
     seeds = row_seeds(seed, len(tokens))
     statics = dict(max_new_tokens=max_new_tokens, dp=dp, eos_token_id=eos_token_id)
     if placement.kind == "towers":
-        outputs, compile_s, run_s = _diffusion_towers(model, params, tokens, valid, seeds, mesh, **statics)
+        outputs, compile_s, run_s = _diffusion_towers(model, params, tokens, valid, seeds, threshold, mesh, **statics)
     else:
         outputs, compile_s, run_s = run_placed(diffusion_loop, placement, mesh, params, tokens, valid, seeds,
-                                               model=model, **statics)
+                                               threshold, model=model, **statics)
     out, lengths, row_den, row_ctx, den, ctx = outputs
     lengths, row_den = np.asarray(lengths), np.asarray(row_den)
     out = np.asarray(out)
