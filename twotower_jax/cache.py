@@ -65,11 +65,48 @@ def init_cache(config: NemotronHConfig, batch_size: int, capacity: int, dtype=jn
                       length=jnp.zeros((), jnp.int32))
 
 
+# --- what a layer reads and writes: one typed context per call ----------------------------------
+
+@struct.dataclass
+class CausalContext:
+    """A tower extending its own cache by a chunk: attention writes the chunk's K/V at slots
+    start..start+l−1 and attends causally over every valid slot (`key_valid` (b, capacity) already
+    includes the chunk); Mamba continues from its conv/SSM state. The layer returns its new cache."""
+    cache: LayerCache
+    start: Int[Array, ""]
+    key_valid: Bool[Array, "b s"]
+
+
+@struct.dataclass
+class CrossContext:
+    """The denoiser reading the context tower's layer cache, read only (SPEC §3): attention sees the
+    context's valid slots 0..length−1 and all of the chunk's own positions (bidirectional); Mamba starts
+    from the context's states and its end state is discarded."""
+    cache: LayerCache
+    key_valid: Bool[Array, "b s"]
+    length: Int[Array, ""]
+
+
 @struct.dataclass
 class BlockwiseContext:
-    """What the context tower hands the denoiser in the parallel training pass (SPEC §5), for a clean
-    sequence of N blocks of `block_size`: per layer, `AttentionCache` with K/V of all N·S positions,
-    `MambaCache` with the state *before* each block, conv (b, N, k1, c) and ssm (b, N, h, p, n) (block 0:
-    zeros), or None."""
+    """The parallel training pass (SPEC §5): the chunk is a whole sequence of N blocks of `block_size`.
+    Attention: `cache` holds the context tower's K/V at the same N·S positions; a query in block n sees
+    context keys of blocks 0..n−1 and its own block's keys. Mamba: `cache` holds the context state before
+    each block, conv (b, N, k1, c) and ssm (b, N, h, p, n) (block 0: zeros); each block is scanned as its
+    own sequence from its seed."""
+    cache: LayerCache
+    block_size: int = struct.field(pytree_node=False)
+
+
+LayerContext = Union[CausalContext, CrossContext, BlockwiseContext]
+
+
+@struct.dataclass
+class BlockwiseTowerContext:
+    """What the context tower hands the denoiser in the parallel training pass: one layer cache per
+    layer as `BlockwiseContext.cache` describes (None for layers without a cache)."""
     layers: tuple
     block_size: int = struct.field(pytree_node=False)
+
+    def layer(self, index: int) -> BlockwiseContext:
+        return BlockwiseContext(self.layers[index], self.block_size)

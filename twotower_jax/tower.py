@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import flax.linen as nn
 import jax
@@ -21,23 +21,30 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from twotower_jax.cache import BlockwiseContext, LayerCache, MambaCache, TowerCache, init_cache
+from twotower_jax.cache import (BlockwiseContext, BlockwiseTowerContext, CausalContext, CrossContext, LayerContext,
+                                MambaCache, TowerCache, init_cache)
 from twotower_jax.config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
 from twotower_jax.layers.adaln import TimestepEmbedder, modulate
-from twotower_jax.layers.attention import Attention
+from twotower_jax.layers.attention import Attention, AttentionImpl
 from twotower_jax.layers.mamba2 import Mamba2Mixer
 from twotower_jax.layers.moe import MoE, MoEImpl, ReluSquaredMLP
 from twotower_jax.layers.norms import RMSNorm
 from twotower_jax.ops.ssd import ScanImpl
 
 Params = dict[str, Any]
+LogitsAt = Literal["all", "last", "none"]
+# Prompts longer than this are prefilled this many tokens at a time (bounded activation memory).
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """Implementation choices that do not change the math (resolved at trace time)."""
-    scan: ScanImpl = "auto"  # pallas on GPU, chunked elsewhere
+    scan: ScanImpl = "auto"
     moe: MoEImpl = "auto"
+    attention: AttentionImpl = "blockwise"   # "dense": the reference (concatenated keys, one dense mask)
+    attention_q_chunk: int = 512             # queries per online-softmax tile
+    attention_k_chunk: int = 1024            # keys per online-softmax tile
 
 
 class Block(nn.Module):
@@ -50,11 +57,12 @@ class Block(nn.Module):
     (SPEC §3; the release has no dense-MLP layers, which follow the MoE order here.) Without `t_cond`
     the block is plain, as in mock-AR.
 
-    `cross=True`: the layer cache belongs to the context tower and is only read (attention over
-    [context K/V ; own], Mamba seeded from the context state); the returned cache is then meaningless.
-    With `block_size` S as well, h is a whole training sequence of N blocks (SPEC §5, parallel form):
-    the attention cache holds the context K/V of all N·S positions (masked block-wise), and the Mamba
-    cache holds one seed state per block, shaped (b, N, ...): each block is scanned as its own sequence.
+    `context` says what the layer reads and writes (`twotower_jax.cache`): a `CausalContext` (the tower
+    extends its own cache; the new layer cache is returned), a `CrossContext` (the denoiser reads the
+    context tower's layer cache: attention over [context K/V ; own], Mamba seeded from the context
+    state) or a `BlockwiseContext` (the parallel training form, SPEC §5: h is a whole sequence of N
+    blocks; the attention cache holds the context K/V of all N·S positions, the Mamba cache one seed
+    state per block, shaped (b, N, ...)). Returns (h, new layer cache or None).
     """
     config: NemotronHConfig
     layer_type: str
@@ -64,8 +72,7 @@ class Block(nn.Module):
     adaln: bool = False
 
     @nn.compact
-    def __call__(self, h, cache: LayerCache, valid, start, key_valid, t_cond=None, cross: bool = False,
-                 block_size: Optional[int] = None):
+    def __call__(self, h, context: Optional[LayerContext], valid, t_cond=None):
         cfg = self.config
         norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm")
         gate = None
@@ -83,14 +90,17 @@ class Block(nn.Module):
         else:
             x = norm(h)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="mixer")
+        new_cache = None
         if self.layer_type == MAMBA:
             mixer = Mamba2Mixer(cfg, scan_impl=self.impl.scan, **kw)
-            if block_size is None:
-                out, cache = mixer(x, cache, valid)
+            if isinstance(context, BlockwiseContext):
+                out = _per_block(mixer, x, context.cache, valid, context.block_size)
             else:
-                out = _per_block(mixer, x, cache, valid, block_size)
+                out, state = mixer(x, context.cache, valid)
+                new_cache = state if isinstance(context, CausalContext) else None
         elif self.layer_type == ATTENTION:
-            out, cache = Attention(cfg, **kw)(x, cache, start, key_valid, cross=cross, block_size=block_size)
+            out, new_cache = Attention(cfg, impl=self.impl.attention, q_chunk=self.impl.attention_q_chunk,
+                                       k_chunk=self.impl.attention_k_chunk, **kw)(x, context)
         elif self.layer_type == MOE:
             out = MoE(cfg, impl=self.impl.moe, **kw)(x)
         elif self.layer_type == MLP:
@@ -98,7 +108,7 @@ class Block(nn.Module):
         else:
             raise ValueError(f"unknown layer type {self.layer_type!r}")
         out = out.astype(h.dtype)
-        return h + (out if gate is None else gate * out), cache
+        return h + (out if gate is None else gate * out), new_cache
 
 
 def _per_block(mixer: Mamba2Mixer, x, seeds: MambaCache, valid, block_size: int):
@@ -144,31 +154,39 @@ class NemotronHTower(nn.Module):
 
         `t` is the masked fraction per row; None runs plain blocks (mock-AR). Float32 logits.
         """
-        h = self.embeddings(tokens)
-        t_cond = None if t is None else self.t_block_1(nn.silu(self.t_embedder(t)))
-        valid = jnp.ones(tokens.shape, bool)
-        for block, context_layer in zip(self.layers, context.layers):
-            h, _ = block(h, context_layer, valid, None, context.key_valid, t_cond=t_cond, cross=True)
-        return self.lm_head(self.norm_f(h)).astype(jnp.float32)
+        contexts = [CrossContext(layer, context.key_valid, context.length) for layer in context.layers]
+        return self._denoiser_logits(tokens, contexts, t)
 
-    def denoise_blockwise(self, tokens: Int[Array, "b l"], context: BlockwiseContext, t: Float[Array, "b"]
+    def denoise_blockwise(self, tokens: Int[Array, "b l"], context: BlockwiseTowerContext, t: Float[Array, "b"]
                           ) -> Float[Array, "b l v"]:
         """Training form of `denoise` (SPEC §5): all N blocks of a noised sequence in one pass, each block
         reading the context tower as the sampler would after the blocks before it. Float32 logits."""
-        h = self.embeddings(tokens)
-        t_cond = self.t_block_1(nn.silu(self.t_embedder(t)))
-        valid = jnp.ones(tokens.shape, bool)
-        for block, context_layer in zip(self.layers, context.layers):
-            h, _ = block(h, context_layer, valid, None, None, t_cond=t_cond, cross=True,
-                         block_size=context.block_size)
-        return self.lm_head(self.norm_f(h)).astype(jnp.float32)
+        return self._denoiser_logits(tokens, [context.layer(i) for i in range(len(context.layers))], t)
 
-    def __call__(self, tokens: Int[Array, "b l"], cache: TowerCache, valid: Optional[Bool[Array, "b l"]] = None):
-        """Logits are NaN if the chunk overflows the cache: the fill level is traced, so under jit this
+    def _denoiser_logits(self, tokens, contexts, t):
+        h = self.embeddings(tokens)
+        t_cond = None if t is None else self.t_block_1(nn.silu(self.t_embedder(t)))
+        valid = jnp.ones(tokens.shape, bool)
+        for block, context in zip(self.layers, contexts):
+            h, _ = block(h, context, valid, t_cond=t_cond)
+        return self.logits(self.norm_f(h))
+
+    def logits(self, hidden: Float[Array, "... d"]) -> Float[Array, "... v"]:
+        """The LM head over final-normed hidden states, float32."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, tokens: Int[Array, "b l"], cache: TowerCache, valid: Optional[Bool[Array, "b l"]] = None,
+                 logits_at: LogitsAt = "all"):
+        """Extends the cache by a chunk. Returns (logits, new cache): logits (b, l, v) for `logits_at="all"`,
+        (b, 1, v) of the chunk's last position for "last", None for "none".
+
+        Logits are NaN if the chunk overflows the cache: the fill level is traced, so under jit this
         cannot raise, and a clamped KV write must not pass for a correct answer."""
         overflow = cache.length + tokens.shape[1] > cache.capacity
         hidden, cache = self.hidden_states(tokens, cache, valid)
-        logits = self.lm_head(hidden).astype(jnp.float32)
+        if logits_at == "none":
+            return None, cache
+        logits = self.logits(hidden[:, -1:] if logits_at == "last" else hidden)
         return jnp.where(overflow, jnp.nan, logits), cache
 
     def hidden_states(self, tokens, cache: TowerCache, valid=None):
@@ -180,13 +198,18 @@ class NemotronHTower(nn.Module):
         h = self.embeddings(tokens)
         new_layers = []
         for block, layer_cache in zip(self.layers, cache.layers):
-            h, layer_cache = block(h, layer_cache, valid, start, key_valid)
+            h, layer_cache = block(h, CausalContext(layer_cache, start, key_valid), valid)
             new_layers.append(layer_cache)
         new_cache = TowerCache(layers=tuple(new_layers), key_valid=key_valid, length=start + tokens.shape[1])
         return self.norm_f(h), new_cache
 
 
-def _check_tokens(tokens, cache: TowerCache, valid):
+LOGITS_AT = ("all", "last", "none")
+
+
+def _check_tokens(tokens, cache: TowerCache, valid, logits_at: str = "all"):
+    if logits_at not in LOGITS_AT:
+        raise ValueError(f"logits_at must be one of {LOGITS_AT}, got {logits_at!r}")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
     if tokens.shape[0] != cache.batch_size:
@@ -223,27 +246,75 @@ class NemotronH:
     def init_cache(self, batch_size: int, capacity: int) -> TowerCache:
         return init_cache(self.config, batch_size, capacity, self.dtype)
 
-    @functools.partial(jax.jit, static_argnums=0)
+    @functools.partial(jax.jit, static_argnums=0, static_argnames="logits_at", donate_argnames="cache")
     def extend(self, params: Params, tokens: Int[Array, "b l"], cache: TowerCache,
-               valid: Optional[Bool[Array, "b l"]] = None) -> tuple[Float[Array, "b l v"], TowerCache]:
-        """Runs a chunk of new tokens after what the cache holds. Returns (logits, cache)."""
-        _check_tokens(tokens, cache, valid)
-        return self.module.apply({"params": params}, tokens, cache, valid)
+               valid: Optional[Bool[Array, "b l"]] = None, logits_at: LogitsAt = "all"
+               ) -> tuple[Optional[Float[Array, "b l v"]], TowerCache]:
+        """Runs a chunk of new tokens after what the cache holds. Returns (logits, cache); logits are
+        (b, l, v) for `logits_at="all"`, (b, 1, v) at the last position for "last", None for "none".
+        The cache passed in is donated (its buffers are reused for the new one): do not read it after."""
+        _check_tokens(tokens, cache, valid, logits_at)
+        return self.module.apply({"params": params}, tokens, cache, valid, logits_at)
 
-    @functools.partial(jax.jit, static_argnums=0, static_argnames="capacity")
+    @functools.partial(jax.jit, static_argnums=0, static_argnames=("capacity", "logits_at", "prefill_chunk"))
     def prefill(self, params: Params, tokens: Int[Array, "b l"], valid: Optional[Bool[Array, "b l"]] = None,
-                capacity: Optional[int] = None) -> tuple[Float[Array, "b l v"], TowerCache]:
-        """Full causal forward from an empty cache of `capacity` slots (default: the prompt length)."""
+                capacity: Optional[int] = None, logits_at: LogitsAt = "all",
+                prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK
+                ) -> tuple[Optional[Float[Array, "b l v"]], TowerCache]:
+        """Full causal forward from an empty cache of `capacity` slots (default: the prompt length).
+
+        A prompt longer than `prefill_chunk` runs `prefill_chunk` tokens at a time through the same
+        cache-extension path (a shorter first piece takes the remainder), so activation memory is bounded
+        by the chunk, not the prompt; `None` runs it in one piece. `logits_at` as in `extend`."""
         capacity = tokens.shape[1] if capacity is None else capacity
         if capacity < tokens.shape[1]:
             raise ValueError(f"cache capacity {capacity} < prompt length {tokens.shape[1]}")
-        return self.extend(params, tokens, self.init_cache(tokens.shape[0], capacity), valid)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        cache = self.init_cache(tokens.shape[0], capacity)
+        _check_tokens(tokens, cache, valid, logits_at)
+        length = tokens.shape[1]
+        if prefill_chunk is None or length <= prefill_chunk:
+            return self.module.apply({"params": params}, tokens, cache, valid, logits_at)
+        return self._prefill_in_chunks(params, tokens, cache, valid, logits_at, prefill_chunk)
 
-    @functools.partial(jax.jit, static_argnums=0)
+    def _prefill_in_chunks(self, params, tokens, cache, valid, logits_at, chunk: int):
+        """`prefill`'s chunked path: the remainder (if any) first, then a `lax.scan` over full chunks, so
+        the tower is traced at most twice whatever the prompt length."""
+        module, variables = self.module, {"params": params}
+        batch, length = tokens.shape
+        valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+        head = length % chunk
+        pieces = []
+        if head:
+            hidden, cache = module.apply(variables, tokens[:, :head], cache, valid[:, :head],
+                                         method=NemotronHTower.hidden_states)
+            pieces.append(hidden)
+        n = (length - head) // chunk
+        chunks = (tokens[:, head:].reshape(batch, n, chunk).swapaxes(0, 1),
+                  valid[:, head:].reshape(batch, n, chunk).swapaxes(0, 1))
+
+        def body(cache, piece):
+            hidden, cache = module.apply(variables, *piece[:1], cache, piece[1], method=NemotronHTower.hidden_states)
+            out = module.apply(variables, hidden, method=NemotronHTower.logits) if logits_at == "all" else hidden[:, -1:]
+            return cache, out
+
+        cache, outs = jax.lax.scan(body, cache, chunks)
+        if logits_at == "none":
+            return None, cache
+        if logits_at == "last":
+            return module.apply(variables, outs[-1], method=NemotronHTower.logits), cache
+        scanned = outs.swapaxes(0, 1).reshape(batch, n * chunk, -1)
+        if head:
+            scanned = jnp.concatenate([module.apply(variables, pieces[0], method=NemotronHTower.logits), scanned], 1)
+        return scanned, cache
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
     def decode_step(self, params: Params, token: Int[Array, "b"], cache: TowerCache
                     ) -> tuple[Float[Array, "b v"], TowerCache]:
-        """One new token per row. Returns (logits (b, v), cache)."""
-        logits, cache = self.extend(params, token[:, None], cache)
+        """One new token per row. Returns (logits (b, v), cache); the cache passed in is donated."""
+        _check_tokens(token[:, None], cache, None)
+        logits, cache = self.module.apply({"params": params}, token[:, None], cache, None, "last")
         return logits[:, 0], cache
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-from twotower_jax.cache import AttentionCache, BlockwiseContext, MambaCache
+from twotower_jax.cache import AttentionCache, BlockwiseTowerContext, MambaCache
 from twotower_jax.tower import NemotronH, NemotronHTower, Params
 from twotower_jax.two_tower import TwoTower
 
@@ -35,7 +35,7 @@ def _check_sequence(tokens, block_size: int) -> None:
 
 
 def blockwise_context(model: NemotronH, params: Params, tokens: Int[Array, "b l"], block_size: int
-                      ) -> BlockwiseContext:
+                      ) -> BlockwiseTowerContext:
     """The context tower over a clean sequence, block by block through the same cache-extension path
     the sampler uses; returns its K/V for all positions and its Mamba states before every block.
     Wrapped in `stop_gradient`: the context tower is frozen."""
@@ -59,7 +59,7 @@ def blockwise_context(model: NemotronH, params: Params, tokens: Int[Array, "b l"
             layers.append(MambaCache(conv=seed.conv.swapaxes(0, 1), ssm=seed.ssm.swapaxes(0, 1)))
         else:
             layers.append(None)
-    return jax.lax.stop_gradient(BlockwiseContext(layers=tuple(layers), block_size=block_size))
+    return jax.lax.stop_gradient(BlockwiseTowerContext(layers=tuple(layers), block_size=block_size))
 
 
 def noise_tokens(rng: jax.Array, tokens: Int[Array, "b l"], mask_token_id: int, t_min: float = T_MIN
@@ -73,7 +73,7 @@ def noise_tokens(rng: jax.Array, tokens: Int[Array, "b l"], mask_token_id: int, 
 
 
 def denoiser_logits(model: TwoTower, denoiser_params: Params, noisy: Int[Array, "b l"],
-                    context: BlockwiseContext, t: Float[Array, "b"]) -> Float[Array, "b l v"]:
+                    context: BlockwiseTowerContext, t: Float[Array, "b"]) -> Float[Array, "b l v"]:
     """The denoiser's float32 logits for every block of a noised sequence, in one pass."""
     return model.denoiser_module.apply({"params": denoiser_params}, noisy, context, t,
                                        method=NemotronHTower.denoise_blockwise)
