@@ -143,9 +143,10 @@ def implementation(args: argparse.Namespace) -> Impl:
 
 def load(directory: Path, dtype, args: argparse.Namespace, mesh):
     """(kind, config, params): an orbax checkpoint restored straight onto the placement's shardings (never
-    whole on one device); a HF-layout one read on the host (the sampler then places it)."""
+    whole on one device); a HF-layout one read tensor by tensor, each put onto its sharding before the
+    next is read (never whole in host memory)."""
     if not is_orbax_checkpoint(directory):
-        kind, config, params = load_checkpoint(directory, dtype)
+        kind, config, params = load_checkpoint(directory, dtype, sharding.sharding_for(args.placement, mesh))
     else:
         kind = read_manifest(directory)["kind"]
         _check_kind(kind, args)

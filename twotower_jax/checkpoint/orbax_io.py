@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from twotower_jax.checkpoint.hf import CheckpointError, read_config_json, rules_and_shapes
+# (ShardingFor is defined with the HF loader, which takes the same argument.)
+from twotower_jax.checkpoint.hf import CheckpointError, ShardingFor, read_config_json, rules_and_shapes
 from twotower_jax.checkpoint.mapping import ParamPath, get_path, group_of, keeps_float32, set_path
 from twotower_jax.checkpoint.staging import staged_directory
 from twotower_jax.config import NemotronHConfig, encode_special_floats
@@ -28,8 +29,6 @@ from twotower_jax.config import NemotronHConfig, encode_special_floats
 FORMAT = "twotower-jax-orbax/1"
 MANIFEST = "twotower_jax.json"
 PARAMS_DIR = "params"
-
-ShardingFor = Callable[[ParamPath, jax.ShapeDtypeStruct], Optional[jax.sharding.Sharding]]
 
 
 def is_orbax_checkpoint(directory: str | os.PathLike) -> bool:
@@ -85,15 +84,21 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def open_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optional[ShardingFor] = None):
+def stored_dtype(directory: str | os.PathLike) -> np.dtype:
+    """The dtype the checkpoint's floating params are stored in (the manifest's; router biases excepted)."""
+    return np.dtype(read_manifest(directory)["dtype"])  # "bfloat16" resolves once jax has registered ml_dtypes
+
+
+def open_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optional[ShardingFor] = None, dtype=None):
     """Returns (kind, config, groups); `groups` yields (group path, params subtree) one group at a time,
-    each array restored onto `sharding_for(path, ShapeDtypeStruct)` when given, else as host NumPy."""
-    directory = Path(directory)
+    each array restored onto `sharding_for(path, ShapeDtypeStruct)` when given, else as host NumPy, in
+    `dtype` (cast while reading; None: as stored; `keeps_float32` params stay float32)."""
+    directory = Path(directory).absolute()  # orbax refuses relative paths
     manifest = read_manifest(directory)
     config = NemotronHConfig.from_hf_dict(read_config_json(directory))
     kind = manifest["kind"]
     _, shapes = rules_and_shapes(kind, config)
-    stored = np.dtype(manifest["dtype"])  # "bfloat16" resolves once jax has registered ml_dtypes
+    stored = np.dtype(manifest["dtype"] if dtype is None else dtype)
 
     def restore_groups():
         checkpointer = ocp.StandardCheckpointer()
@@ -115,10 +120,11 @@ def open_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optional[S
     return kind, config, restore_groups()
 
 
-def restore_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optional[ShardingFor] = None):
+def restore_orbax_checkpoint(directory: str | os.PathLike, sharding_for: Optional[ShardingFor] = None, dtype=None):
     """Returns (kind, config, params). With `sharding_for(path, ShapeDtypeStruct) -> Sharding`, each array
-    is restored straight onto its sharding (no full copy on one device); otherwise as host NumPy arrays."""
-    kind, config, groups = open_orbax_checkpoint(directory, sharding_for)
+    is restored straight onto its sharding (no full copy on one device); otherwise as host NumPy arrays.
+    `dtype`: the floating params' dtype, cast while reading (None: as stored)."""
+    kind, config, groups = open_orbax_checkpoint(directory, sharding_for, dtype)
     params: dict = {}
     for group, tree in groups:
         set_path(params, group, tree)
