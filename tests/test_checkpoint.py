@@ -9,9 +9,11 @@ import torch
 import transformers
 from hf_oracle import hf_logits
 
+from twotower_jax import generate
 from twotower_jax.checkpoint.hf import (CheckpointError, hf_tensors_from_params, load_hf_tower, save_hf_tower,
                                         write_hf_tensors)
-from twotower_jax.checkpoint.mapping import tower_rules
+from twotower_jax.checkpoint.load import checkpoint_dtype, load_checkpoint
+from twotower_jax.checkpoint.mapping import keeps_float32, tower_rules
 from twotower_jax.config import encode_special_floats, tiny
 from twotower_jax.tower import NemotronH
 
@@ -67,6 +69,28 @@ def test_bfloat16_load_keeps_router_bias_float32(tmp_path, params):
     _, loaded = load_hf_tower(tmp_path, dtype=jnp.bfloat16)
     assert loaded["layers_0"]["mixer"]["in_proj"]["kernel"].dtype == jnp.bfloat16
     assert loaded["layers_2"]["mixer"]["e_score_correction_bias"].dtype == np.float32
+
+
+def test_default_dtype_is_the_checkpoints_own(tmp_path, params):
+    """`generate --dtype auto` (the default) loads in `checkpoint_dtype`: BF16 weights (with the release's
+    float32 router biases) load as BF16, a float32 checkpoint stays float32, and so does the demo."""
+    assert generate.build_parser().parse_args(["--checkpoint", "x"]).dtype == "auto"
+
+    def as_release(path, x):
+        return x if keeps_float32(tuple(k.key for k in path)) else np.asarray(x.astype(jnp.bfloat16))
+    bf16 = jax.tree_util.tree_map_with_path(as_release, params)
+    save_hf_tower(tmp_path / "bf16", CONFIG, bf16, max_shard_bytes=20_000)
+    assert checkpoint_dtype(tmp_path / "bf16") == jnp.bfloat16
+    _, _, loaded = load_checkpoint(tmp_path / "bf16", dtype=None)
+    assert loaded["layers_0"]["mixer"]["in_proj"]["kernel"].dtype == jnp.bfloat16
+    assert loaded["layers_2"]["mixer"]["e_score_correction_bias"].dtype == np.float32
+    assert tree_equal(loaded, bf16)
+
+    save_hf_tower(tmp_path / "f32", CONFIG, params)
+    assert checkpoint_dtype(tmp_path / "f32") == np.float32
+    _, _, loaded = load_checkpoint(tmp_path / "f32", dtype=None)
+    assert {x.dtype for x in jax.tree.leaves(loaded)} == {np.dtype(np.float32)} and tree_equal(loaded, params)
+    assert checkpoint_dtype("demo") == np.float32  # the packaged demo is stored in float32 (its manifest)
 
 
 def _write(tmp_path, tensors, config=CONFIG):

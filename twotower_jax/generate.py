@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from twotower_jax import sharding
 from twotower_jax.checkpoint.hf import TWO_TOWER
-from twotower_jax.checkpoint.load import load_checkpoint, resolve_checkpoint
+from twotower_jax.checkpoint.load import checkpoint_dtype, load_checkpoint, resolve_checkpoint
 from twotower_jax.checkpoint.mapping import keeps_float32
 from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, read_manifest, restore_orbax_checkpoint
 from twotower_jax.ops.ssd import SSD_IMPL_NAMES
@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text prompt (needs tokenizer.json in the checkpoint, or the demo model's byte "
                         "tokenizer); repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=["auto"] + sorted(DTYPES), default="auto",
+                   help="params and compute dtype; auto: the checkpoint's own (bfloat16 for the release; router "
+                        "biases stay float32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     prompts = ([_parse_ids(t) for t in args.prompt_ids] if args.prompt_ids
                else [tokenizer.encode(t) for t in args.prompt])
 
-    dtype = DTYPES[args.dtype]
+    dtype = checkpoint_dtype(directory) if args.dtype == "auto" else DTYPES[args.dtype]
     impl = implementation(args)
     mesh = sharding.make_mesh(args.placement)  # fails early, with the fix, when devices are missing
     kind, config, params = load(directory, dtype, args, mesh)
