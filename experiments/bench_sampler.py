@@ -1,6 +1,7 @@
 """Sampler throughput per placement: AR, mock-AR and mask diffusion on `single`, `towers`, `sharded`
-(experts + vocabulary split) and `sharded` with experts only, same prompts, tokens/s and the ratio to
-`single` in the same run. Prints a table and writes JSON.
+(experts + dense weights split, the rules table) and `sharded` with experts only, same prompts, tokens/s
+and the ratio to `single` in the same run. `towers`/`sharded` use every visible device (`--devices N`:
+the first N; `--data D`: batch rows over D of them). Prints a table and writes JSON.
 
 Compile time is excluded: each configuration runs once first (compile + warm-up), then --repeats timed
 runs (the samplers' own run-only `seconds`), median reported. Every placement's tokens are checked
@@ -19,7 +20,7 @@ from bench_common import write_results
 from bench_tower import bench_config
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
-from twotower_jax.sharding import SHARD_AXIS, Placement, resolve
+from twotower_jax.sharding import SHARD_AXIS, Placement, make_mesh, resolve
 from twotower_jax.tower import Impl, count_params
 from twotower_jax.two_tower import TwoTower
 
@@ -42,6 +43,9 @@ def main():
     parser.add_argument("--confidence-threshold", type=float, default=0.9)
     parser.add_argument("--modes", nargs="+", default=["ar", "mock_ar", "diffusion"])
     parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=list(PLACEMENTS))
+    parser.add_argument("--devices", type=int, default=None,
+                        help="towers/sharded on the first N devices (default: every visible device)")
+    parser.add_argument("--data", type=int, default=1, help="the meshes' data axis (batch rows split over it)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -51,23 +55,28 @@ def main():
     params = model.random_params(seed=0, scale=0.2)  # peaked enough that confidences do not tie
     rng = np.random.default_rng(0)
     prompts = [rng.integers(4, config.vocab_size, args.prompt_length - 3 * i).tolist() for i in range(args.batch)]
+    meshes = {name: make_mesh(p) if p.kind == "single" else make_mesh(p, n_devices=args.devices, data=args.data)
+              for name, p in PLACEMENTS.items()}
     generators = {
-        "ar": lambda placement: generate_ar(model, params, prompts, args.max_new_tokens, placement=placement),
-        "mock_ar": lambda placement: generate_mock_ar(model, params, prompts, args.max_new_tokens, placement=placement),
-        "diffusion": lambda placement: generate_mask_diffusion(
+        "ar": lambda name: generate_ar(model, params, prompts, args.max_new_tokens, placement=PLACEMENTS[name],
+                                       mesh=meshes[name]),
+        "mock_ar": lambda name: generate_mock_ar(model, params, prompts, args.max_new_tokens,
+                                                 placement=PLACEMENTS[name], mesh=meshes[name]),
+        "diffusion": lambda name: generate_mask_diffusion(
             model, params, prompts, args.max_new_tokens, block_size=args.block_size,
-            steps_per_block=args.steps_per_block, confidence_threshold=args.confidence_threshold, placement=placement),
+            steps_per_block=args.steps_per_block, confidence_threshold=args.confidence_threshold,
+            placement=PLACEMENTS[name], mesh=meshes[name]),
     }
 
     rows = []
     for mode in args.modes:
         reference = None
         for name in args.placements:
-            first = generators[mode](PLACEMENTS[name])  # compile + first run
-            runs = [generators[mode](PLACEMENTS[name]) for _ in range(args.repeats)]
+            first = generators[mode](name)  # compile + first run
+            runs = [generators[mode](name) for _ in range(args.repeats)]
             seconds = float(np.median([r.stats["seconds"] for r in runs]))
             tokens = first.stats["generated_tokens"]
-            row = {"mode": mode, "placement": name, "tokens": tokens, "ms": seconds * 1e3,
+            row = {"mode": mode, "placement": name, "mesh": dict(meshes[name].shape), "tokens": tokens, "ms": seconds * 1e3,
                    "tokens_per_s": tokens / seconds, "compile_s": first.stats["compile_seconds"],
                    "first_run_ms": first.stats["seconds"] * 1e3}
             if "tokens_per_denoiser_pass" in first.stats:

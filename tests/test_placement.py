@@ -1,5 +1,6 @@
-"""Placements (single / towers / sharded) on 2 CPU devices: where params land, the same tokens as one device
-in every generation mode, orbax restore onto each placement, the CLI flags and their errors.
+"""Placements (single / towers / sharded) on 2 CPU devices (4 and 8: tests/test_placement_many.py): where
+params land, the same tokens as one device in every generation mode, orbax restore onto each placement,
+the CLI flags and their errors.
 
 Compiling is the cost here: each (mode, placement) compiles once per session (`generated` caches the
 runs), and the CLI tests reuse those programs by asking for the same model and settings."""
@@ -76,6 +77,9 @@ def test_params_land_where_the_placement_says(params):
         assert leaf(placed, tower, "layers_2", "mixer", "experts_down").sharding.spec == P("expert", None, None)
         assert leaf(placed, tower, "embeddings", "embedding").sharding.spec == P("expert", None)
         assert leaf(placed, tower, "lm_head", "kernel").sharding.spec == P(None, "expert")
+        # Dense weights split too (on the dimension that divides): Mamba in_proj (32, 100), attention q_proj.
+        assert leaf(placed, tower, "layers_0", "mixer", "in_proj", "kernel").sharding.spec == P(None, "expert")
+        assert leaf(placed, tower, "layers_1", "mixer", "q_proj", "kernel").sharding.spec == P(None, "expert")
         norm = leaf(placed, tower, "norm_f", "weight")
         assert norm.sharding.spec == P() and norm.sharding.device_set == {dev0, dev1}
     assert sharding.devices_of(placed) == {dev0, dev1}
@@ -102,8 +106,10 @@ def test_unknown_placement_and_too_few_devices(params):
         with pytest.raises(ValueError, match=f"placement '{placement}' needs 2 devices, found 1 .*"
                                              "xla_force_host_platform_device_count=2"):
             sharding.make_mesh(placement, jax.devices()[:1])
-    with pytest.raises(ValueError, match="use it with the 'sharded' placement"):
-        generate_mock_ar(TwoTower(CONFIG, impl=Impl(moe="expert_parallel")), params, PROMPTS, 4, placement="towers")
+    # One device per tower: the model's own dispatch runs there (expert_parallel, over an `expert` axis of 1, too).
+    ep = TwoTower(CONFIG, impl=Impl(moe="expert_parallel"))
+    assert placed_model(ep, sharding.resolve("towers"), sharding.make_mesh("towers")) == ep
+    assert placed_model(MODEL, sharding.resolve("towers"), sharding.make_mesh("towers")) == MODEL
 
 
 @pytest.mark.parametrize("mode", list(MODES))

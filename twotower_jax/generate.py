@@ -11,9 +11,10 @@ small TwoTower shipped in the package.
 `byte_tokenizer.json` (the demo model: BOS + UTF-8 bytes, `twotower_jax.data.ByteTokenizer`). Prints one JSON object with
 `tokens` (generated ids per row, cut after EOS), `logprobs` and `stats` when `--json` is given.
 
-`--placement` puts the model on one device, the two towers on two devices, or both towers' experts and
-vocabulary split over two devices (`twotower_jax.sharding`); an orbax checkpoint is restored straight onto
-it. `--ssd-impl` and `--moe-impl` pick implementations of the Mamba scan and the MoE dispatch (same math).
+`--placement` puts the model on one device, each tower on its own half of the devices, or both towers
+split over every device (`twotower_jax.sharding`; `--devices N` uses the first N); a checkpoint is
+restored straight onto it. `--ssd-impl` and `--moe-impl` pick implementations of the Mamba scan and the MoE
+dispatch (same math).
 """
 from __future__ import annotations
 
@@ -68,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-threshold", type=float, default=0.9, help="diffusion: commit threshold γ")
     p.add_argument("--mask-token-id", type=int, default=3, help="diffusion: the [MASK] id")
     p.add_argument("--placement", choices=sharding.PLACEMENTS, default="single",
-                   help="single: one device; towers: context tower on device 0, denoiser on device 1; "
-                        "sharded: both towers' experts (and vocabulary) split over 2 devices")
+                   help="single: one device; towers: context tower on one half of the devices, denoiser on "
+                        "the other (one device each on 2); sharded: both towers' experts and dense weights split "
+                        "over every device (twotower_jax.sharding)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="towers/sharded: use the first N devices (default: every visible device)")
     p.add_argument("--ssd-impl", choices=sorted(SSD_IMPL_NAMES), default=None,
                    help="Mamba scan: reference (sequential), xla (chunked), pallas, auto (pallas on GPU, xla "
                         "elsewhere; the default)")
@@ -179,7 +183,8 @@ def run(args: argparse.Namespace) -> dict:
 
     dtype = checkpoint_dtype(directory) if args.dtype == "auto" else DTYPES[args.dtype]
     impl = implementation(args)
-    mesh = sharding.make_mesh(args.placement)  # fails early, with the fix, when devices are missing
+    # Fails early, with the fix, when devices are missing.
+    mesh = sharding.make_mesh(args.placement, n_devices=args.devices)
     kind, config, params = load(directory, dtype, args, mesh)
     if kind == TWO_TOWER:
         model = TwoTower(config, dtype=dtype, param_dtype=dtype, impl=impl)
@@ -197,12 +202,12 @@ def run(args: argparse.Namespace) -> dict:
             model, params, prompts, args.max_new_tokens, block_size=args.block_size,
             steps_per_block=args.steps_per_block, mask_token_id=args.mask_token_id, temperature=args.temperature,
             confidence_threshold=args.confidence_threshold, eos_token_id=eos, seed=args.seed,
-            placement=args.placement)
+            placement=args.placement, mesh=mesh)
     else:
         generate_fn = generate_ar if args.mode == "ar" else generate_mock_ar
         result = generate_fn(model, params, prompts, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
-                             placement=args.placement)
+                             placement=args.placement, mesh=mesh)
     out = {"mode": args.mode, **result.to_json_dict()}
     if tokenizer is not None:
         out["text"] = [tokenizer.decode(row) for row in result.tokens]

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from twotower_jax.cache import init_cache
-from twotower_jax.sampling.placed import compile_pieces, on, placed_model, run_placed
+from twotower_jax.sampling.placed import compile_pieces, on, placed_model, placement_mesh, run_placed
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
 from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, select_tokens, token_logprobs
-from twotower_jax.sharding import PlacementLike, make_mesh, replicated, resolve, tower_mesh
+from twotower_jax.sharding import (
+    PlacementLike, batch_shardings, constrain_batch, group_placement, place_params, replicated, resolve, tower_mesh)
 from twotower_jax.tower import NemotronH, Params
 from twotower_jax.two_tower import TwoTower
 
@@ -101,7 +102,8 @@ def _rules(model, max_new_tokens, sampling, eos_token_id):
 def ar_loop(params: Params, tokens, valid, seeds, *, model: NemotronH, max_new_tokens: int,
             sampling: SamplingParams, eos_token_id: Optional[int]):
     """Prefill, then one cached decode step per token (traced inside `run_placed`'s jit)."""
-    logits, cache = model.prefill(params, tokens, valid, capacity=tokens.shape[1] + max_new_tokens - 1)
+    logits, cache = model.prefill(params, tokens, valid, capacity=tokens.shape[1] + max_new_tokens - 1,
+                                  logits_at="last")
 
     def advance(cache, token):
         return model.decode_step(params, token, cache)
@@ -114,7 +116,8 @@ def _context_prefix(params: Params, tokens, valid, *, model: TwoTower, max_new_t
     batch, prompt_len = tokens.shape
     capacity = prompt_len + max_new_tokens
     if prompt_len > 1:
-        return model.context.prefill(params["context"], tokens[:, :-1], valid[:, :-1], capacity=capacity)[1]
+        return model.context.prefill(params["context"], tokens[:, :-1], valid[:, :-1], capacity=capacity,
+                                     logits_at="none")[1]
     return init_cache(model.config, batch, capacity, model.dtype)
 
 
@@ -128,7 +131,7 @@ def mock_ar_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max_n
 
     def advance(carry, token):
         cache, fed = carry
-        _, cache = context.extend(params["context"], fed[:, None], cache)
+        _, cache = context.extend(params["context"], fed[:, None], cache, logits_at="none")
         return model.denoise(params, token[:, None], cache)[:, 0], (cache, token)
 
     first_logits = model.denoise(params, fed[:, None], cache)[:, 0]
@@ -139,84 +142,105 @@ def mock_ar_loop(params: Params, tokens, valid, seeds, *, model: TwoTower, max_n
 # --- mock-AR on the `towers` placement: per-tower compiled pieces -------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _mock_ar_pieces(model: TwoTower, rules: _Rules):
-    """The compiled pieces of mock-AR on `towers` (one set per model and rules, so repeats compile nothing):
-    context prefix and one-token extend (device 0), first pick and one step of denoise + pick (device 1).
-    Each runs where its committed inputs are."""
-    prefix = jax.jit(lambda p, t, v: _context_prefix({"context": p}, t, v, model=model,
-                                                    max_new_tokens=rules.max_new_tokens))
-    extend = jax.jit(lambda p, token, cache: model.context.extend(p, token[:, None], cache)[1])
+def _mock_ar_pieces(model: TwoTower, rules: _Rules, context_mesh, denoiser_mesh):
+    """The compiled pieces of mock-AR on `towers` (one set per model, rules and groups, so repeats compile
+    nothing): context prefix and one-token extend (context group), first pick and one step of denoise + pick
+    (denoiser group). Each runs where its committed inputs are; its outputs are pinned to the group's batch
+    layout (rows over `data`), the layout the next piece was compiled for."""
+    def pinned(fn, mesh):
+        return jax.jit(lambda *args: constrain_batch(fn(*args), mesh, args[1].shape[0]))
+
+    prefix = pinned(lambda p, t, v: _context_prefix({"context": p}, t, v, model=model,
+                                                   max_new_tokens=rules.max_new_tokens), context_mesh)
+    extend = pinned(lambda p, token, cache: model.context.extend(p, token[:, None], cache, logits_at="none")[1],
+                    context_mesh)
 
     def denoise_last(p, token, cache):
         return model.denoise(p, token[:, None], cache)[:, 0]
 
-    def with_running(s):  # computed on device 1 with the step, so the host reads one flag
+    def with_running(s):  # computed on the denoiser group with the step, so the host reads one flag
         return s, rules.running(s)
 
-    start = jax.jit(lambda p, fed, cache, seeds: with_running(
-        rules.start(denoise_last(p, fed, cache), row_keys(seeds))))
-    step = jax.jit(lambda p, s, cache, seeds: with_running(
-        rules.step(s, denoise_last(p, s.last, cache), row_keys(seeds))))
+    start = pinned(lambda p, fed, cache, seeds: with_running(
+        rules.start(denoise_last(p, fed, cache), row_keys(seeds))), denoiser_mesh)
+    step = jax.jit(lambda p, s, cache, seeds: constrain_batch(with_running(
+        rules.step(s, denoise_last(p, s.last, cache), row_keys(seeds))), denoiser_mesh, seeds.shape[0]))
     return prefix, extend, start, step
 
 
 def _mock_ar_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh, *, max_new_tokens: int,
                     sampling: SamplingParams, eos_token_id: Optional[int]):
-    """Mock-AR with the context tower on device 0 and the denoiser on device 1.
+    """Mock-AR with the context tower on the towers mesh's group 0 and the denoiser on group 1 (one device
+    each on 2 devices; each split by the `sharded` rules inside a bigger group).
 
     Why per-tower pieces and not one program: one jitted program runs on one device set with every
-    input on it, so a single program over both devices would need both towers' params stacked on a
+    input on it, so a single program over both groups would need both towers' params stacked on a
     `tower` mesh axis (the denoiser's adaLN params padded into the context's half) and every step run
-    under per-device `lax.cond`s with collectives to keep the loop predicates equal — a different
+    under per-group `lax.cond`s with collectives to keep the loop predicates equal — a different
     param layout from the checkpoint and from the other placements, restored through a copy. Per-tower
-    pieces keep the checkpoint's tree (each tower restored straight onto its device) and are each
+    pieces keep the checkpoint's tree (each tower restored straight onto its group) and are each
     compiled; the price is a host round trip per token (the EOS stop check) and a copy of the context
-    cache to device 1 per token, both small next to a 30B tower's forward pass. On one shared CPU they
-    are pure overhead (measured in experiments/results/sampler_cpu.md).
+    cache to the denoiser group per token, both small next to a 30B tower's forward pass. On one shared
+    CPU they are pure overhead (measured in experiments/results/sampler_cpu.md).
 
     Returns the same (tokens, log-probs, lengths, advances) as `mock_ar_loop`, and compile/run seconds.
     """
-    context_at = replicated(tower_mesh(mesh, "context"))
-    denoiser_at = replicated(tower_mesh(mesh, "denoiser"))
-    context_params = jax.device_put(params["context"], context_at)
-    denoiser_params = {"denoiser": jax.device_put(params["denoiser"], denoiser_at)}
+    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
+    batch = tokens.shape[0]
+
+    def context_at(tree):
+        return batch_shardings(tree, context_mesh, batch)
+
+    def denoiser_at(tree):
+        return batch_shardings(tree, denoiser_mesh, batch)
+
+    placed = place_params(params, "towers", mesh)
+    context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
     rules = _rules(model, max_new_tokens, sampling, eos_token_id)
-    first_fed = jax.device_put(tokens[:, -1], context_at)
-    tokens, valid = jax.device_put((tokens, valid), context_at)
-    seeds = jax.device_put(seeds, denoiser_at)
-    prefix, extend, start, step = _mock_ar_pieces(model, rules)
+    first_fed = tokens[:, -1]
+    first_fed = jax.device_put(first_fed, context_at(first_fed))
+    tokens, valid = jax.device_put((tokens, valid), context_at((tokens, valid)))
+    seeds = jax.device_put(seeds, denoiser_at(seeds))
+    prefix, extend, start, step = _mock_ar_pieces(model, rules, context_mesh, denoiser_mesh)
 
-    cache_struct = jax.eval_shape(prefix, context_params, tokens, valid)
-    state_struct = jax.eval_shape(start, denoiser_params, first_fed, cache_struct, seeds)[0]
+    with jax.set_mesh(context_mesh):
+        cache_struct = jax.eval_shape(prefix, context_params, tokens, valid)
+    with jax.set_mesh(denoiser_mesh):
+        state_struct = jax.eval_shape(start, denoiser_params, first_fed, cache_struct, seeds)[0]
+    cache_on_context, cache_on_denoiser = context_at(cache_struct), denoiser_at(cache_struct)
+    fed_on_denoiser = denoiser_at(first_fed)
     (prefix_c, extend_c, start_c, step_c), compile_s = compile_pieces(
-        (prefix, (context_params, tokens, valid)),
-        (extend, (context_params, on(first_fed, context_at), on(cache_struct, context_at))),
-        (start, (denoiser_params, on(first_fed, denoiser_at), on(cache_struct, denoiser_at), seeds)),
-        (step, (denoiser_params, on(state_struct, denoiser_at), on(cache_struct, denoiser_at), seeds)))
+        (prefix, (context_params, tokens, valid), context_mesh),
+        (extend, (context_params, first_fed, on(cache_struct, cache_on_context)), context_mesh),
+        (start, (denoiser_params, on(first_fed, fed_on_denoiser), on(cache_struct, cache_on_denoiser), seeds),
+         denoiser_mesh),
+        (step, (denoiser_params, on(state_struct, denoiser_at(state_struct)), on(cache_struct, cache_on_denoiser),
+                seeds), denoiser_mesh))
 
+    fed_on_context = context_at(first_fed)
     begin = time.perf_counter()
     cache = prefix_c(context_params, tokens, valid)
-    s, running = start_c(denoiser_params, jax.device_put(first_fed, denoiser_at),
-                         jax.device_put(cache, denoiser_at), seeds)
+    s, running = start_c(denoiser_params, jax.device_put(first_fed, fed_on_denoiser),
+                         jax.device_put(cache, cache_on_denoiser), seeds)
     fed = first_fed
     while bool(running):  # the one host sync per token: has every row stopped?
         cache = extend_c(context_params, fed, cache)
-        fed = jax.device_put(s.last, context_at)   # the token the denoiser reads now; the context takes it next
-        s, running = step_c(denoiser_params, s, jax.device_put(cache, denoiser_at), seeds)
+        fed = jax.device_put(s.last, fed_on_context)   # the token the denoiser reads now; the context takes it next
+        s, running = step_c(denoiser_params, s, jax.device_put(cache, cache_on_denoiser), seeds)
     outputs = jax.block_until_ready(rules.finish(s))
     return outputs, compile_s, time.perf_counter() - begin
 
 
 def _generate(loop, model, params, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-              placement: PlacementLike, prompt_width: Optional[int], towers_loop=None):
+              placement: PlacementLike, prompt_width: Optional[int], mesh, towers_loop=None):
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     sampling = SamplingParams(temperature, top_k, top_p)
     check_eos(eos_token_id, model.config.vocab_size)
     placement = resolve(placement)
     requested = placement.kind
-    mesh = make_mesh(placement)
-    model = placed_model(model, placement)
+    mesh = placement_mesh(placement, mesh)
+    model = placed_model(model, placement, mesh)
     tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size, prompt_width)
     seeds = row_seeds(seed, len(tokens))
     statics = dict(model=model, max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id)
@@ -224,8 +248,8 @@ def _generate(loop, model, params, prompts, max_new_tokens, temperature, top_k, 
         outputs, compile_s, run_s = towers_loop(model, params, tokens, valid, seeds, mesh, **{
             k: v for k, v in statics.items() if k != "model"})
     else:
-        if placement.kind == "towers":  # one tower's work: all of it on that tower's device
-            mesh, placement = tower_mesh(mesh, "context"), resolve("single")
+        if placement.kind == "towers":  # one tower's work: all of it on that tower's group
+            mesh, placement = tower_mesh(mesh, "context"), group_placement(placement)
         outputs, compile_s, run_s = run_placed(loop, placement, mesh, params, tokens, valid, seeds, **statics)
     out, out_logp, lengths, advances = outputs
     lengths = np.asarray(lengths)
@@ -248,20 +272,23 @@ def generate_ar(
     seed: Union[int, Sequence[int]] = 0,
     placement: PlacementLike = "single",
     prompt_width: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> GenerationResult:
     """Generates up to `max_new_tokens` after each prompt. Stats: forward passes, seconds (run only).
 
     `model` is a tower, or a TwoTower whose context tower and `context_lm_head` then do the work.
     `seed`: an int gives row r the seed `seed + r`; a sequence gives one seed per row.
-    `placement`: "single" | "towers" (AR uses one tower: all on the context tower's device 0) |
-    "sharded" (experts and vocabulary split over 2 devices), see `twotower_jax.sharding`.
+    `placement`: "single" | "towers" (AR uses one tower: all on the context tower's group) |
+    "sharded" (experts and dense weights split over every device), see `twotower_jax.sharding`.
+    `mesh`: the devices, from `sharding.make_mesh(placement, ...)` (default: every visible device); rows are
+    split over its `data` axis.
     `prompt_width`: left-pad every batch to this many tokens, so prompts of any length up to it share one
     compiled program (default: the longest prompt of the batch).
     """
     if isinstance(model, TwoTower):
         model, params = model.context, params["context"]
     result, advances, _ = _generate(ar_loop, model, params, prompts, max_new_tokens, temperature, top_k, top_p,
-                                    eos_token_id, seed, placement, prompt_width)
+                                    eos_token_id, seed, placement, prompt_width, mesh)
     result.stats.update(forward_passes=1 + advances, context_passes=1 + advances)
     return result
 
@@ -279,16 +306,18 @@ def generate_mock_ar(
     seed: Union[int, Sequence[int]] = 0,
     placement: PlacementLike = "single",
     prompt_width: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> GenerationResult:
     """The release's `generate_mock_ar`: the denoiser as a one-token-per-step AR decoder (SPEC §4.2).
 
     Stats: denoiser passes (one per token) and context passes (the prefix prefill + one per token fed).
-    `placement`: "single" | "towers" (context tower on device 0, denoiser on device 1) | "sharded"."""
+    `placement`: "single" | "towers" (context tower on one half of the devices, denoiser on the other) |
+    "sharded"; `mesh` as in `generate_ar`."""
     if not isinstance(model, TwoTower):
         raise ValueError("mock-AR needs a TwoTower model (context + denoiser towers)")
     result, advances, prompt_len = _generate(mock_ar_loop, model, params, prompts, max_new_tokens, temperature,
                                              top_k, top_p, eos_token_id, seed, placement, prompt_width,
-                                             _mock_ar_towers)
+                                             mesh, _mock_ar_towers)
     result.stats.update(forward_passes=1 + advances, denoiser_passes=1 + advances,
                         context_passes=int(prompt_len > 1) + advances)
     return result

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twotower_jax.sampling.placed import compile_pieces, on, placed_model, run_placed
+from twotower_jax.sampling.placed import compile_pieces, on, placed_model, placement_mesh, run_placed
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, left_pad, row_seeds
 from twotower_jax.sampling.tokens import fold_rows, row_keys
-from twotower_jax.sharding import PlacementLike, make_mesh, replicated, resolve, tower_mesh
+from twotower_jax.sharding import PlacementLike, batch_shardings, constrain_batch, place_params, resolve, tower_mesh
 from twotower_jax.tower import Params
 from twotower_jax.two_tower import TwoTower
 
@@ -148,7 +148,8 @@ def _run_block(model: TwoTower, params, cache, keys, state: BlockState, block_in
 
 def _extend_context(model: TwoTower, context_params, cache, canvas, done):
     """The context tower over a committed block, for the rows still running (SPEC §4.1 step 5)."""
-    return model.context.extend(context_params, canvas, cache, jnp.broadcast_to(~done[:, None], canvas.shape))[1]
+    return model.context.extend(context_params, canvas, cache, jnp.broadcast_to(~done[:, None], canvas.shape),
+                                logits_at="none")[1]
 
 
 def _count_extension(state: BlockState) -> BlockState:
@@ -170,7 +171,8 @@ def diffusion_loop(params: Params, tokens, valid, seeds, threshold, *, model: Tw
     batch, prompt_len = tokens.shape
     n_full, last_width, n_blocks = _shape(max_new_tokens, dp)
     keys = row_keys(seeds)
-    _, cache = model.context.prefill(params["context"], tokens, valid, capacity=prompt_len + max_new_tokens)
+    _, cache = model.context.prefill(params["context"], tokens, valid, capacity=prompt_len + max_new_tokens,
+                                    logits_at="none")
 
     def extend(carry):
         state, cache, canvas = carry
@@ -194,75 +196,94 @@ def diffusion_loop(params: Params, tokens, valid, seeds, threshold, *, model: Tw
 
 
 @functools.lru_cache(maxsize=None)
-def _towers_pieces(model: TwoTower, max_new_tokens: int, dp: DiffusionParams, eos_token_id: Optional[int]):
-    """Compiled pieces of diffusion on `towers` (one set per model and settings, so repeats compile
-    nothing): prefill and block extension (context tower, device 0); a block's denoising, one per block
-    width (denoiser, device 1). Each runs where its committed inputs are."""
-    prefill = jax.jit(lambda p, tokens, valid: model.context.prefill(
-        p, tokens, valid, capacity=tokens.shape[1] + max_new_tokens)[1])
-    extend = jax.jit(functools.partial(_extend_context, model))
+def _towers_pieces(model: TwoTower, max_new_tokens: int, dp: DiffusionParams, eos_token_id: Optional[int],
+                   context_mesh, denoiser_mesh):
+    """Compiled pieces of diffusion on `towers` (one set per model, settings and groups, so repeats compile
+    nothing): prefill and block extension (context tower, its group); a block's denoising, one per block
+    width (denoiser, its group). Each runs where its committed inputs are; its outputs are pinned to the
+    group's batch layout (rows over `data`), the layout the next piece was compiled for."""
+    prefill = jax.jit(lambda p, tokens, valid: constrain_batch(model.context.prefill(
+        p, tokens, valid, capacity=tokens.shape[1] + max_new_tokens, logits_at="none")[1], context_mesh,
+        tokens.shape[0]))
+    extend = jax.jit(lambda p, cache, canvas, done: constrain_batch(
+        _extend_context(model, p, cache, canvas, done), context_mesh, canvas.shape[0]))
 
     def block(width, p, cache, seeds, state, block_index, threshold):
         state, canvas = _run_block(model, p, cache, row_keys(seeds), state, block_index, width, dp, eos_token_id,
                                    threshold)
-        return state, canvas, jnp.all(state.done)
+        return constrain_batch((state, canvas, jnp.all(state.done)), denoiser_mesh, seeds.shape[0])
 
     blocks = {w: jax.jit(functools.partial(block, w)) for w in {dp.block_size, max_new_tokens % dp.block_size} if w}
-    return prefill, extend, blocks, jax.jit(_count_extension)
+    count = jax.jit(lambda state: constrain_batch(_count_extension(state), denoiser_mesh, state.done.shape[0]))
+    return prefill, extend, blocks, count
 
 
 def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, threshold, mesh, *, max_new_tokens: int,
                       dp: DiffusionParams, eos_token_id: Optional[int]):
-    """Diffusion with the context tower on device 0 and the denoiser on device 1, block by block.
+    """Diffusion with the context tower on the towers mesh's group 0 and the denoiser on group 1 (one device
+    each on 2 devices; each split by the `sharded` rules inside a bigger group), block by block.
 
     Why per-tower pieces and not one program: a jitted program runs on one device set with every input
-    on it, so one program over both devices would need both towers' params stacked along a `tower` mesh
+    on it, so one program over both groups would need both towers' params stacked along a `tower` mesh
     axis (the denoiser's adaLN params padded into the context's half) and each tower's work under
-    per-device `lax.cond`s, with collectives keeping both devices' loop predicates equal — a param
+    per-group `lax.cond`s, with collectives keeping both groups' loop predicates equal — a param
     layout unlike the checkpoint's and the other placements', restored through a copy. Per-tower pieces
-    keep the checkpoint's tree (each tower restored straight onto its device), each piece compiled, the
+    keep the checkpoint's tree (each tower restored straight onto its group), each piece compiled, the
     denoising steps of a block inside one of them. Per block the host reads one flag (every row done?),
-    sends the context cache to device 1 and the committed block back to device 0: small next to up to
+    sends the context cache to the denoiser group and the committed block back: small next to up to
     T denoiser passes of a 30B tower. On one shared CPU it is pure overhead (experiments/results/sampler_cpu.md).
 
     Returns `diffusion_loop`'s outputs, and compile / run seconds.
     """
-    context_at = replicated(tower_mesh(mesh, "context"))
-    denoiser_at = replicated(tower_mesh(mesh, "denoiser"))
-    context_params = jax.device_put(params["context"], context_at)
-    denoiser_params = {"denoiser": jax.device_put(params["denoiser"], denoiser_at)}
-    tokens, valid = jax.device_put((tokens, valid), context_at)
-    seeds, threshold = jax.device_put((seeds, threshold), denoiser_at)
-    n_full, last_width, n_blocks = _shape(max_new_tokens, dp)
-    prefill, extend, blocks, count = _towers_pieces(model, max_new_tokens, dp, eos_token_id)
-
+    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
     batch = tokens.shape[0]
-    cache_struct = jax.eval_shape(prefill, context_params, tokens, valid)
-    state_struct = on(jax.eval_shape(functools.partial(_start_state, batch, max_new_tokens, model.config.pad_token_id)),
-                      denoiser_at)
-    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=denoiser_at)
-    canvas = jax.ShapeDtypeStruct((batch, dp.block_size), jnp.int32, sharding=context_at)
+
+    def context_at(tree):
+        return batch_shardings(tree, context_mesh, batch)
+
+    def denoiser_at(tree):
+        return batch_shardings(tree, denoiser_mesh, batch)
+
+    placed = place_params(params, "towers", mesh)
+    context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
+    tokens, valid = jax.device_put((tokens, valid), context_at((tokens, valid)))
+    seeds, threshold = jax.device_put((seeds, threshold), denoiser_at((seeds, threshold)))
+    n_full, last_width, n_blocks = _shape(max_new_tokens, dp)
+    prefill, extend, blocks, count = _towers_pieces(model, max_new_tokens, dp, eos_token_id, context_mesh,
+                                                    denoiser_mesh)
+
+    with jax.set_mesh(context_mesh):
+        cache_struct = jax.eval_shape(prefill, context_params, tokens, valid)
+    start = functools.partial(_start_state, batch, max_new_tokens, model.config.pad_token_id)
+    state_struct = jax.eval_shape(start)
+    state_struct = on(state_struct, denoiser_at(state_struct))
+    index = on(jax.ShapeDtypeStruct((), jnp.int32), denoiser_at(jnp.int32(0)))
+    canvas = jax.ShapeDtypeStruct((batch, dp.block_size), jnp.int32)
+    canvas, done = on(canvas, context_at(canvas)), on(state_struct.done, context_at(state_struct.done))
+    cache_on_context, cache_on_denoiser = context_at(cache_struct), denoiser_at(cache_struct)
     widths = sorted(blocks)
     compiled, compile_s = compile_pieces(
-        (prefill, (context_params, tokens, valid)),
-        (extend, (context_params, on(cache_struct, context_at), canvas, on(state_struct.done, context_at))),
-        (count, (state_struct,)),
-        *[(blocks[w], (denoiser_params, on(cache_struct, denoiser_at), seeds, state_struct, index, threshold))
-          for w in widths])
+        (prefill, (context_params, tokens, valid), context_mesh),
+        (extend, (context_params, on(cache_struct, cache_on_context), canvas, done), context_mesh),
+        (count, (state_struct,), denoiser_mesh),
+        *[(blocks[w], (denoiser_params, on(cache_struct, cache_on_denoiser), seeds, state_struct, index, threshold),
+           denoiser_mesh) for w in widths])
     prefill_c, extend_c, count_c, *block_c = compiled
     block_c = dict(zip(widths, block_c))
 
     begin = time.perf_counter()
     cache = prefill_c(context_params, tokens, valid)
-    state = jax.device_put(_start_state(batch, max_new_tokens, model.config.pad_token_id), denoiser_at)
+    state = start()
+    state = jax.device_put(state, denoiser_at(state))
     for block_index in range(n_blocks):
         width = dp.block_size if block_index < n_full else last_width
-        state, canvas, all_done = block_c[width](denoiser_params, jax.device_put(cache, denoiser_at), seeds, state,
-                                                 jax.device_put(jnp.int32(block_index), denoiser_at), threshold)
+        state, canvas, all_done = block_c[width](denoiser_params, jax.device_put(cache, cache_on_denoiser), seeds,
+                                                 state, jax.device_put(jnp.int32(block_index), index.sharding),
+                                                 threshold)
         if block_index + 1 == n_blocks or bool(all_done):  # the one host sync per block
             break
-        cache = extend_c(context_params, cache, jax.device_put(canvas, context_at),
-                         jax.device_put(state.done, context_at))
+        cache = extend_c(context_params, cache, jax.device_put(canvas, context_at(canvas)),
+                         jax.device_put(state.done, context_at(state.done)))
         state = count_c(state)
     outputs = jax.block_until_ready((state.out, state.lengths, state.row_den, state.row_ctx, state.den, state.ctx))
     return outputs, compile_s, time.perf_counter() - begin
@@ -282,11 +303,14 @@ def generate_mask_diffusion(
     seed: Union[int, Sequence[int]] = 0,
     placement: PlacementLike = "single",
     prompt_width: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> GenerationResult:
     """The release's `generate_mask_diffusion`, batched. Returns tokens per row (cut after EOS) and stats.
 
-    `placement`: "single" | "towers" (context tower + cache on device 0, denoiser on device 1, block by
-    block) | "sharded" (experts and vocabulary split over 2 devices), see `twotower_jax.sharding`.
+    `placement`: "single" | "towers" (context tower + cache on one half of the devices, denoiser on the
+    other, block by block) | "sharded" (experts and dense weights split over every device), see
+    `twotower_jax.sharding`. `mesh`: the devices, from `sharding.make_mesh(placement, ...)` (default: every
+    visible device); rows are split over its `data` axis.
     `logprobs` is empty per row: diffusion commits tokens from a changing canvas, and the probability
     of a token at its commit step is not a log-likelihood of the sequence.
     `seed`: an int gives row r the seed `seed + r`; a sequence gives one seed per row.
@@ -304,8 +328,8 @@ def generate_mask_diffusion(
     threshold = np.float32(confidence_threshold)
     check_eos(eos_token_id, model.config.vocab_size)
     placement = resolve(placement)
-    mesh = make_mesh(placement)
-    model = placed_model(model, placement)
+    mesh = placement_mesh(placement, mesh)
+    model = placed_model(model, placement, mesh)
     tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size, prompt_width)
     seeds = row_seeds(seed, len(tokens))
     statics = dict(max_new_tokens=max_new_tokens, dp=dp, eos_token_id=eos_token_id)
