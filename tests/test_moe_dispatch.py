@@ -81,3 +81,42 @@ def test_auto_dispatch_picks_by_call_size_and_backend():
     assert resolve_moe_impl("auto", GATHER_MAX_TOKENS + 1, "cpu") == "dense"
     assert resolve_moe_impl("auto", 512, "gpu") == "ragged"
     assert resolve_moe_impl("ragged", 1, "cpu") == "ragged"   # an explicit choice is kept
+
+
+def test_rows_outside_every_group_cannot_leak_nan(monkeypatch):
+    """`ragged_dot` leaves rows past the last group undefined (the overflow bucket of the expert-parallel
+    dispatch). A backend that leaves NaN there must not reach the output: 0·NaN = NaN, so those rows have
+    to be masked, not multiplied by a zero weight. Emulated by NaN-filling those rows after the real op."""
+    real_ragged_dot = jax.lax.ragged_dot
+
+    def nan_outside_groups(lhs, rhs, group_sizes, *args, **kwargs):
+        out = real_ragged_dot(lhs, rhs, group_sizes, *args, **kwargs)
+        inside = jnp.arange(out.shape[0]) < group_sizes.sum()
+        return jnp.where(inside[:, None], out, jnp.nan)
+
+    monkeypatch.setattr(jax.lax, "ragged_dot", nan_outside_groups)
+    x, up, down, weights, idx = random_problem(7, 11)
+    # Experts 5..7 live "elsewhere": their picks go to the overflow bucket (index = number of local
+    # experts) with weight 0, exactly as `experts_expert_parallel` hands them to `experts_ragged`.
+    elsewhere = idx >= 5
+    assert elsewhere.any() and not elsewhere.all()
+    local_weights = jnp.where(elsewhere, 0.0, weights)
+    out = experts_ragged(x, up[:5], down[:5], local_weights, jnp.where(elsewhere, 5, idx))
+    assert np.isfinite(np.asarray(out)).all(), f"{np.isnan(np.asarray(out)).sum()} NaN of {out.size}"
+    # Reference: the dense dispatch over only the local experts' picks, written out per token.
+    h = np.maximum(np.einsum("td,edf->tef", x, up), 0) ** 2
+    per_expert = np.einsum("tef,efd->ted", h, down)
+    expected = np.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            if not elsewhere[t, k]:
+                expected[t] += float(weights[t, k]) * per_expert[t, int(idx[t, k])]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, experts_dense(x, up, down, local_weights, idx), rtol=1e-5, atol=1e-5)
+
+    # The whole expert-parallel dispatch (each device's foreign experts are its overflow bucket).
+    problem = random_problem(8, 13)
+    with jax.set_mesh(expert_mesh()):
+        sharded = jax.jit(lambda *a: experts_expert_parallel(*a))(*problem)
+    assert np.isfinite(np.asarray(sharded)).all(), f"{np.isnan(np.asarray(sharded)).sum()} NaN of {sharded.size}"
+    np.testing.assert_allclose(sharded, experts_dense(*problem), rtol=1e-5, atol=1e-5)

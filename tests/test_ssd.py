@@ -94,3 +94,37 @@ def test_bad_shapes_raise():
         ssd_chunked(x, dt, A, B, C, h0[:, :2])
     with pytest.raises(ValueError, match="unknown scan impl"):
         ssd_scan(x, dt, A, B, C, h0, impl="pallas-someday")
+
+
+@pytest.mark.parametrize("decay", ["strong", "slow", "spiky"])
+def test_chunked_at_chunk_128_on_long_inputs(decay):
+    """The real chunk size (128) over 1100 steps (8 full chunks + a 76-step tail), non-zero initial state,
+    against the float64 loop; fp32 tolerance 1e-5 relative to the largest |y| (resp. |state|).
+
+    strong: dt·|A| mostly ≫ 1, exp(dt·A) underflows to exactly 0 in fp32 at some steps;
+    slow:   exp(dt·A) ≥ 0.98, the initial state still shapes the last output 1100 steps later;
+    spiky:  slow decay with rare huge steps (dt·|A| up to ~900), so the in-chunk log-decay cumsum reaches
+            thousands while neighbouring steps still decay by ~1%: segment sums must not be formed as
+            differences of that cumsum."""
+    x, dt, A, B, C, h0 = random_inputs(11, batch=1, length=1100, heads=4, head_dim=4, groups=2, state=4)
+    if decay == "strong":
+        dt = dt * 30
+        assert (np.exp(dt * A).astype(np.float32) == 0).any()
+    elif decay == "slow":
+        dt = dt * 0.002
+        assert np.exp(dt * A).min() > 0.97
+    else:
+        dt = dt * 0.01
+        dt[np.random.default_rng(5).random(dt.shape) < 0.05] = 300.0
+    dt = dt.astype(np.float32)
+    y_ref, h_ref = numpy_recurrence(x, dt, A, B, C, h0)
+    inputs = tuple(map(jnp.asarray, (x, dt, A, B, C, h0)))
+    y, h = _chunked_jit(*inputs, chunk_size=128)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(h, h_ref, 1e-5)
+    if decay == "slow":  # the initial state is carried across all 8 chunk boundaries
+        y_zero, _ = _chunked_jit(*inputs[:5], jnp.zeros_like(inputs[5]), chunk_size=128)
+        assert np.abs(np.asarray(y_zero) - y_ref)[:, -1].max() > 1e-3 * np.abs(y_ref).max()
+
+
+_chunked_jit = jax.jit(ssd_chunked, static_argnames="chunk_size")

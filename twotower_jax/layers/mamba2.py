@@ -4,10 +4,16 @@ in_proj → z | xBC | dt;  xBC → depthwise causal conv (seeded with the cached
 → x | B | C;  dt = softplus(dt + dt_bias) (optional floor);  fp32 SSD scan from the cached state;
 y + D·x → gated group RMSNorm with z → out_proj.
 
-Left padding: at positions where `valid` is False the raw xBC is zeroed and dt is 0, so padding leaves
-both the conv state and the SSM state exactly as an unpadded row would have them.
+Padding (`valid` False; left, right, interior, or a whole chunk, before or after a cached history) is
+skipped exactly: the conv at each real position reads the K−1 previous *real* columns (from the cached
+history and the chunk), the new conv state is the last K−1 real raw columns, and padded positions have
+x = B = C = 0 and dt = 0, so they leave the SSM state untouched. A padded row ends with the states, and
+its real positions with the outputs, of the same row run unpadded. Outputs at padded positions are
+meaningless (finite).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -28,16 +34,44 @@ class DepthwiseCausalConv(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, history: Float[Array, "b k1 c"], x: Float[Array, "b l c"]):
-        """Returns (conv output (b, l, c) in float32, new history = last K−1 input columns)."""
+    def __call__(self, history: Float[Array, "b k1 c"], x: Float[Array, "b l c"],
+                 valid: Optional[Bool[Array, "b l"]] = None):
+        """Returns (conv output (b, l, c) in float32, new history = last K−1 input columns).
+
+        With `valid`, columns where it is False are skipped: each valid column's output reads the K−1
+        previous valid columns (the history's columns count as valid), the new history is the last K−1
+        valid columns, and outputs at invalid columns are meaningless."""
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.channels),
                             self.param_dtype).astype(jnp.float32)
+        k1 = self.kernel_size - 1
         full = jnp.concatenate([history.astype(jnp.float32), x.astype(jnp.float32)], axis=1)  # (b, K-1+l, c)
-        length = x.shape[1]
-        out = sum(full[:, k:k + length] * kernel[k] for k in range(self.kernel_size))
+        b, length = x.shape[:2]
+        if valid is None:
+            packed, out_index = full, None
+            new_history = full[:, length:]
+        elif length == 1:  # decode: one column, kept or not
+            packed, out_index = full, None
+            new_history = jnp.where(valid[:, :, None], full[:, 1:], history.astype(jnp.float32))
+        else:
+            # Pack each row's valid columns (history first, then the chunk's, in order) to the right end
+            # and its invalid ones to the left, run the plain causal conv on the packed row, and read
+            # each chunk column's output back from its packed position.
+            n = full.shape[1]
+            keep = jnp.concatenate([jnp.ones((b, k1), bool), valid], axis=1)               # (b, n)
+            n_keep = keep.sum(1, keepdims=True)
+            dest = jnp.where(keep, n - n_keep + jnp.cumsum(keep, 1) - 1, jnp.cumsum(~keep, 1) - 1)
+            src = jnp.zeros_like(dest).at[jnp.arange(b)[:, None], dest].set(
+                jnp.broadcast_to(jnp.arange(n), dest.shape))                               # packed ← column
+            packed = jnp.take_along_axis(full, src[:, :, None], axis=1)
+            # A valid chunk column has ≥ K−1 valid columns packed before it: its output index is ≥ 0.
+            out_index = jnp.maximum(dest[:, k1:] - k1, 0)
+            new_history = packed[:, length:]
+        out = sum(packed[:, k:k + length] * kernel[k] for k in range(self.kernel_size))
+        if out_index is not None:
+            out = jnp.take_along_axis(out, out_index[:, :, None], axis=1)
         if self.use_bias:
             out = out + self.param("bias", nn.initializers.zeros, (self.channels,), self.param_dtype).astype(jnp.float32)
-        return out, full[:, length:]
+        return out, new_history
 
 
 class Mamba2Mixer(nn.Module):
@@ -60,8 +94,9 @@ class Mamba2Mixer(nn.Module):
         xbc = jnp.where(valid[..., None], xbc, 0)
 
         conv_out, conv_state = DepthwiseCausalConv(cfg.conv_dim, cfg.conv_kernel, cfg.use_conv_bias,
-                                                   self.param_dtype, name="conv1d")(cache.conv, xbc)
-        conv_out = nn.silu(conv_out)
+                                                   self.param_dtype, name="conv1d")(cache.conv, xbc, valid)
+        # x = B = C = 0 (and dt = 0 below) at padded positions: they add nothing to the SSM state.
+        conv_out = jnp.where(valid[..., None], nn.silu(conv_out), 0.0)
         xs, B, C = jnp.split(conv_out, [inner, inner + gn], axis=-1)
 
         A_log = self.param("A_log", nn.initializers.zeros, (heads,), self.param_dtype)

@@ -111,16 +111,19 @@ def experts_ragged(x, up, down, weights, idx):
     """Sorted dispatch: each token copy goes to its expert's contiguous group; one ragged matmul per proj.
 
     An index equal to the number of experts is an overflow bucket: sorted last, outside every group, so
-    its rows come out zero (used by the expert-parallel dispatch for other devices' experts)."""
+    its rows come out zero (used by the expert-parallel dispatch for other devices' experts). `ragged_dot`
+    leaves rows outside every group undefined (possibly NaN, and 0·NaN = NaN), so they are masked with
+    `where`, never zeroed by their 0 weight."""
     t, k = idx.shape
     flat_expert = idx.reshape(-1)
     order = jnp.argsort(flat_expert, stable=True)
     token_of = order // k
+    in_group = flat_expert[order] < up.shape[0]
     group_sizes = jnp.bincount(flat_expert, length=up.shape[0]).astype(jnp.int32)
     h = jax.lax.ragged_dot(x[token_of], up, group_sizes, preferred_element_type=jnp.float32)
     out = jax.lax.ragged_dot(relu_squared(h).astype(x.dtype), down, group_sizes,
                              preferred_element_type=jnp.float32)
-    out = out * weights.reshape(-1)[order][:, None]
+    out = jnp.where(in_group[:, None], out * weights.reshape(-1)[order][:, None], 0.0)
     return jnp.zeros((t, x.shape[1]), jnp.float32).at[token_of].add(out)
 
 

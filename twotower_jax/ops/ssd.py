@@ -105,17 +105,25 @@ def ssd_chunked(
     x, dt = chunks(x), chunks(dt)                                    # (b,c,q,h,p) (b,c,q,h)
     Bh = chunks(_heads_from_groups(B, h))                            # (b,c,q,h,n)
     Ch = chunks(_heads_from_groups(C, h))
-    log_decay = jnp.cumsum(dt * A.astype(f32), axis=2)               # (b,c,q,h), ≤ 0 and decreasing
+    dA = dt * A.astype(f32)                                          # (b,c,q,h), ≤ 0
+    log_decay = jnp.cumsum(dA, axis=2)                               # Σ_{k≤i} dA_k, decreasing
 
-    # 1. Inside each chunk: y_i = Σ_{j≤i} (C_i·B_j) exp(cum_i − cum_j) dt_j x_j.
-    seg = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (b,c,i,j,h)
-    causal = jnp.tril(jnp.ones((q, q), dtype=bool))[None, None, :, :, None]
-    decay_ij = jnp.exp(jnp.where(causal, seg, -jnp.inf))
+    # Segment sums Σ_{j<k≤i} dA_k from their own terms (z[k, j] = dA_k for k > j, summed over k), not as
+    # differences cum_i − cum_j of the long cumsum: with large dt·|A| somewhere in the chunk |cum| is
+    # large, the difference loses ~|cum|·eps absolutely, and exp turns that into a relative error.
+    rows = jnp.arange(q)[:, None]
+    cols = jnp.arange(q)[None, :]
+    z = jnp.where((rows > cols)[None, None, :, :, None], dA[:, :, :, None, :], 0.0)  # (b,c,k,j,h)
+    causal = (cols <= rows)[None, None, :, :, None]
+    seg = jnp.where(causal, jnp.cumsum(z, axis=2), -jnp.inf)          # (b,c,i,j,h); −inf: exp → 0 above
+
+    # 1. Inside each chunk: y_i = Σ_{j≤i} (C_i·B_j) exp(seg_ij) dt_j x_j.
+    decay_ij = jnp.exp(seg)
     cb = jnp.einsum("bcihn,bcjhn->bcijh", Ch, Bh, precision=_HIGHEST)
     y_diag = jnp.einsum("bcijh,bcjh,bcjhp->bcihp", cb * decay_ij, dt, x, precision=_HIGHEST)
 
     # 2. The state each chunk adds by its end, from a zero start.
-    decay_to_end = jnp.exp(log_decay[:, :, -1:, :] - log_decay)      # (b,c,q,h)
+    decay_to_end = jnp.exp(jnp.sum(z, axis=2))                       # (b,c,q,h): exp Σ_{k>j} dA_k
     chunk_states = jnp.einsum("bcjhn,bcjh,bcjhp->bchpn", Bh, decay_to_end * dt, x, precision=_HIGHEST)
     chunk_decay = jnp.exp(log_decay[:, :, -1, :])                    # (b,c,h)
 
