@@ -1,0 +1,305 @@
+"""Memory plan: what a generation run holds on each device, before anything is loaded or allocated.
+
+Per device: the params under the placement's shardings (`sharding.param_bytes_per_device`), the caches
+(the context tower's KV + Mamba states for batch × (prompt + new tokens), with the denoiser's copy on its
+own group under `towers`), and the largest scratch (`temp`) of the programs the mode runs, from XLA's
+memory analysis of those programs compiled ahead of time from shapes alone. The programs run one after
+another, so a device needs params + caches + the largest temp.
+
+    python -m twotower_jax.plan --config nano-30b-a3b --placement towers --devices 8 \\
+        --device-memory 80GiB --batch 1 --context 8192 --mode diffusion
+
+Temps come from the platform at hand (its name is in the plan): XLA:GPU and XLA:TPU lower some programs
+differently from XLA:CPU (on CPU the bf16 expert matmuls of the real config alone take a weight-sized
+scratch; experiments/results/aot_memory.md), so a CPU plan's temp is an upper-bound estimate of the
+layout, not a GPU measurement. Without enough devices of that platform to compile on, the CLI compiles on
+N fake CPU devices and says so; `--no-compile` gives params and caches only (exact, instant).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+MODES = ("ar", "mock_ar", "diffusion")
+CONFIG_PRESETS = ("nano-30b-a3b", "tiny")
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80 GB', '1.5e9' → bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a byte count (e.g. 80GiB, 40GB, 1e9)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def gib(n: Optional[float]) -> str:
+    """Bytes as GiB, or MiB/KiB when small (so a tiny model's plan does not read as zeros)."""
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2 ** 10:.2f} KiB"
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Per-device bytes of one run. `programs`: name → {"devices": [ids], "temp": bytes} (empty when not
+    compiled); `compiled_on`: the platform whose compiler gave the temps (None: not compiled)."""
+    description: dict
+    params: dict[int, int]
+    caches: dict[int, int]
+    programs: dict[str, dict]
+    compiled_on: Optional[str]
+    device_memory: Optional[int]
+
+    def temp(self, device: int) -> int:
+        return max([p["temp"] for p in self.programs.values() if device in p["devices"]], default=0)
+
+    def total(self, device: int) -> int:
+        return self.params[device] + self.caches[device] + self.temp(device)
+
+    @property
+    def peak(self) -> int:
+        return max(self.total(d) for d in self.params)
+
+    def fits(self) -> bool:
+        return self.device_memory is None or self.peak <= self.device_memory
+
+    def table(self) -> str:
+        d = self.description
+        head = (f"memory plan: {d['config']} ({d['dtype']}), mode {d['mode']}, placement {d['placement']} on "
+                f"{len(self.params)} device(s) {d['mesh']}, batch {d['batch']}, context {d['context']} + "
+                f"{d['new_tokens']} new tokens")
+        temp_note = (f"temp: XLA memory analysis compiled on {self.compiled_on}" if self.compiled_on
+                     else "temp: not compiled (--no-compile)")
+        lines = [head, temp_note, "", "| device | params | caches | temp | total |",
+                 "|---|---|---|---|---|"]
+        for device in self.params:
+            lines.append(f"| {device} | {gib(self.params[device])} | {gib(self.caches[device])} | "
+                         f"{gib(self.temp(device))} | {gib(self.total(device))} |")
+        for name, program in self.programs.items():
+            lines.append(f"program {name}: temp {gib(program['temp'])} on devices {program['devices']}")
+        if self.device_memory is not None:
+            verdict = "fits" if self.fits() else "DOES NOT FIT"
+            lines.append(f"device memory {gib(self.device_memory)}: peak {gib(self.peak)}, {verdict}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"description": self.description, "params": self.params, "caches": self.caches,
+                "programs": self.programs, "compiled_on": self.compiled_on, "device_memory": self.device_memory,
+                "peak": self.peak, "fits": self.fits(),
+                "per_device_total": {d: self.total(d) for d in self.params}}
+
+
+def memory_plan(config, *, mode: str = "diffusion", placement="single", n_devices: int = 1, data: int = 1,
+                tensor: int = 1, batch: int = 1, context: int = 1024, new_tokens: int = 128, block_size: int = 16,
+                dtype=None, moe: str = "ragged", compile: bool = True, devices=None,
+                device_memory: Optional[int] = None) -> MemoryPlan:
+    """The plan of `mode` for a TwoTower (or, for `ar`, one tower) of `config` (see the module docstring).
+
+    `devices`: the devices to compile on (default: the default backend's if it has `n_devices`, else the
+    CPU's); `compile=False` leaves `programs` empty."""
+    import jax
+    import jax.numpy as jnp
+
+    from twotower_jax import sharding
+    from twotower_jax.sampling.placed import placed_model
+    from twotower_jax.tower import Impl, NemotronH
+    from twotower_jax.two_tower import TwoTower
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    for name, value in (("batch", batch), ("context", context), ("new_tokens", new_tokens), ("block_size", block_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    kind = sharding.resolve(placement).kind
+    if mode == "ar" and kind == "towers":   # AR runs the context tower alone, on the context group
+        kind, n_devices = ("sharded", n_devices // 2) if n_devices > 2 else ("single", 1)
+    mesh = sharding.abstract_mesh(kind, n_devices, data=data, tensor=tensor)
+    compiled_on = None
+    if compile:
+        pool = list(devices) if devices is not None else jax.devices()
+        if len(pool) < n_devices:
+            pool = jax.devices("cpu")
+        if len(pool) < n_devices:
+            raise ValueError(f"compiling the plan for {n_devices} devices needs {n_devices} devices of one platform; "
+                             f"found {len(pool)} ({pool[0].platform}). Run `python -m twotower_jax.plan` (it sets up "
+                             f"fake CPU devices) or pass compile=False")
+        mesh = sharding.make_mesh(kind, pool, n_devices=n_devices, data=data, tensor=tensor)
+        compiled_on = f"{pool[0].platform} ({pool[0].device_kind})"
+
+    impl = Impl(moe=moe)
+    model = (NemotronH(config, dtype, dtype, impl) if mode == "ar"
+             else TwoTower(config, dtype, dtype, impl))
+    shapes = model.param_shapes()   # before the dispatch is chosen: params do not depend on it
+    model = placed_model(model, sharding.resolve(kind), mesh if compile else None)
+    params_bytes = sharding.param_bytes_per_device(shapes, kind, mesh)
+    ids = list(params_bytes)
+
+    tower = model if mode == "ar" else model.context
+    capacity = context + new_tokens
+    cache = jax.eval_shape(lambda: tower.init_cache(batch, capacity))
+    caches = dict.fromkeys(ids, 0)
+    holders = ["context"] + ([] if mode == "ar" or kind != "towers" else ["denoiser"])
+    for holder in holders:
+        shardings = sharding.cache_shardings(cache, kind, mesh, tower=holder)
+        group = sharding._positions(mesh, holder if kind == "towers" else None)
+        per = _cache_bytes(cache, shardings, group)
+        for device, nbytes in per.items():
+            caches[device] += nbytes
+
+    programs = {}
+    if compile:
+        programs = _compile_programs(model, mode, kind, mesh, shapes, batch, context, capacity, block_size)
+    description = {"config": _config_name(config), "dtype": jnp.dtype(dtype).name,
+                   "mode": mode, "placement": kind, "mesh": dict(mesh.shape), "batch": batch, "context": context,
+                   "new_tokens": new_tokens, "block_size": block_size, "moe": model.impl.moe}
+    return MemoryPlan(description, params_bytes, caches, programs, compiled_on, device_memory)
+
+
+def device_memory_limit(device) -> Optional[int]:
+    """What the runtime says one device can hold (GPU/TPU: `bytes_limit`); None where it does not say (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:   # some backends do not implement it
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def _config_name(config) -> str:
+    return f"{len(config.pattern)} layers, hidden {config.hidden_size}, {config.n_routed_experts} experts"
+
+
+def _cache_bytes(cache, shardings, group: Sequence[int]) -> dict[int, int]:
+    """Bytes per device of `cache` under `shardings` over a group of devices (given in mesh order); a
+    sharding over an abstract mesh is reported by mesh position."""
+    import jax
+    out = dict.fromkeys(group, 0)
+    for leaf, s in zip(jax.tree.leaves(cache), jax.tree.leaves(shardings)):
+        nbytes = math.prod(s.shard_shape(tuple(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+        for device in group:
+            out[device] += nbytes
+    return out
+
+
+def _compile_programs(model, mode, kind, mesh, shapes, batch, context, capacity, block_size) -> dict:
+    """AOT-compiles the programs `mode` runs, each over its tower's devices with params and batch on the
+    placement's shardings; returns name → {"devices", "temp", "output", "compile_seconds"}."""
+    import jax
+    import jax.numpy as jnp
+
+    from twotower_jax import sharding
+
+    shardings = sharding.param_shardings(shapes, kind, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    context_mesh, denoiser_mesh = sharding.tower_mesh(mesh, "context"), sharding.tower_mesh(mesh, "denoiser")
+    tower = model if mode == "ar" else model.context
+    context_params = params if mode == "ar" else params["context"]
+
+    def struct(shape, dtype, where):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(shape, where, batch))
+
+    def cache_on(where):
+        cache = jax.eval_shape(lambda: tower.init_cache(batch, capacity))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
+                            sharding.batch_shardings(cache, where, batch))
+
+    step = 1 if mode in ("ar", "mock_ar") else block_size
+    programs = {
+        "context_prefill": (context_mesh, lambda p, tokens: tower.prefill(p, tokens, capacity=capacity,
+                                                                          logits_at="last"),
+                            (context_params, struct((batch, context), jnp.int32, context_mesh))),
+    }
+    if mode == "ar":
+        programs["context_decode_step"] = (context_mesh, tower.decode_step,
+                                           (context_params, struct((batch,), jnp.int32, context_mesh),
+                                            cache_on(context_mesh)))
+    else:
+        programs[f"context_extend_{step}"] = (
+            context_mesh, lambda p, tokens, cache: tower.extend(p, tokens, cache, logits_at="none"),
+            (context_params, struct((batch, step), jnp.int32, context_mesh), cache_on(context_mesh)))
+        programs[f"denoiser_pass_{step}"] = (
+            denoiser_mesh, lambda p, tokens, cache, t: model.denoise(p, tokens, cache, t),
+            ({"denoiser": params["denoiser"]}, struct((batch, step), jnp.int32, denoiser_mesh),
+             cache_on(denoiser_mesh), struct((batch,), jnp.float32, denoiser_mesh)))
+    out = {}
+    for name, (where, fn, args) in programs.items():
+        begin = time.perf_counter()
+        with jax.set_mesh(where):
+            compiled = jax.jit(fn).lower(*args).compile()
+        stats = compiled.memory_analysis()
+        out[name] = {"devices": [d.id for d in np.asarray(where.devices).reshape(-1)],
+                     "temp": int(stats.temp_size_in_bytes), "output": int(stats.output_size_in_bytes),
+                     "compile_seconds": time.perf_counter() - begin}
+    return out
+
+
+def config_from_args(args):
+    from twotower_jax import config as configs
+    if args.checkpoint:
+        from twotower_jax.checkpoint.hf import read_config
+        from twotower_jax.checkpoint.load import resolve_checkpoint
+        return read_config(resolve_checkpoint(args.checkpoint))
+    return configs.nano_30b_a3b() if args.config == "nano-30b-a3b" else configs.tiny()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m twotower_jax.plan", description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint directory (its config.json / manifest), or 'demo'")
+    source.add_argument("--config", choices=CONFIG_PRESETS, help="a preset config")
+    p.add_argument("--mode", choices=MODES, default="diffusion")
+    p.add_argument("--placement", choices=("single", "towers", "sharded"), default="single")
+    p.add_argument("--devices", type=int, default=1, help="devices the placement uses")
+    p.add_argument("--data", type=int, default=1, help="mesh data axis (batch rows)")
+    p.add_argument("--tensor", type=int, default=1, help="mesh tensor axis")
+    p.add_argument("--device-memory", type=parse_bytes, default=None, help="per device, e.g. 80GiB")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--moe-impl", default="ragged", help="MoE dispatch outside expert-parallel groups")
+    p.add_argument("--no-compile", action="store_true", help="params and caches only (no AOT compile)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax
+    # Fake CPU devices to compile an N-device plan on a machine that has fewer (set before any backend starts).
+    if not args.no_compile and args.devices > 1:
+        try:
+            jax.config.update("jax_num_cpu_devices", max(args.devices, 2))
+        except Exception:  # backends already started (e.g. XLA_FLAGS set): use what exists
+            pass
+    import jax.numpy as jnp
+    try:
+        config = config_from_args(args)
+        plan = memory_plan(config, mode=args.mode, placement=args.placement, n_devices=args.devices,
+                           data=args.data, tensor=args.tensor, batch=args.batch, context=args.context,
+                           new_tokens=args.max_new_tokens, block_size=args.block_size,
+                           dtype=jnp.dtype(args.dtype), moe=args.moe_impl, compile=not args.no_compile,
+                           device_memory=args.device_memory)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    return 0 if plan.fits() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
