@@ -33,8 +33,9 @@ from twotower_jax.ops.ssd import ScanImpl
 
 Params = dict[str, Any]
 LogitsAt = Literal["all", "last", "none"]
-# Prompts longer than this are prefilled this many tokens at a time (bounded activation memory).
-DEFAULT_PREFILL_CHUNK = 2048
+# Prompts longer than this are prefilled this many tokens at a time: activation memory stays bounded
+# (experiments/results/aot_memory.md: 1024 keeps the real config flat from 1k to 32k tokens on XLA:CPU).
+DEFAULT_PREFILL_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,16 +192,22 @@ class NemotronHTower(nn.Module):
 
     def hidden_states(self, tokens, cache: TowerCache, valid=None):
         """Final-normed hidden states (b, l, d) and the extended cache."""
+        return self.layers_over(self.embed(tokens), cache, valid)
+
+    def embed(self, tokens: Int[Array, "b l"]) -> Float[Array, "b l d"]:
+        return self.embeddings(tokens)
+
+    def layers_over(self, h: Float[Array, "b l d"], cache: TowerCache, valid=None):
+        """Every layer over embedded tokens, extending the cache; returns (final-normed hidden, cache)."""
         if valid is None:
-            valid = jnp.ones(tokens.shape, bool)
+            valid = jnp.ones(h.shape[:2], bool)
         start = cache.length
         key_valid = jax.lax.dynamic_update_slice(cache.key_valid, valid, (0, start))
-        h = self.embeddings(tokens)
         new_layers = []
         for block, layer_cache in zip(self.layers, cache.layers):
             h, layer_cache = block(h, CausalContext(layer_cache, start, key_valid), valid)
             new_layers.append(layer_cache)
-        new_cache = TowerCache(layers=tuple(new_layers), key_valid=key_valid, length=start + tokens.shape[1])
+        new_cache = TowerCache(layers=tuple(new_layers), key_valid=key_valid, length=start + h.shape[1])
         return self.norm_f(h), new_cache
 
 
@@ -280,22 +287,27 @@ class NemotronH:
 
     def _prefill_in_chunks(self, params, tokens, cache, valid, logits_at, chunk: int):
         """`prefill`'s chunked path: the remainder (if any) first, then a `lax.scan` over full chunks, so
-        the tower is traced at most twice whatever the prompt length."""
+        the tower is traced at most twice whatever the prompt length.
+
+        The whole prompt is embedded before the loop (b, l, d): a loop that gathers from the embedding
+        table lets XLA:CPU keep a float32 copy of the table alive through it (measured: +1.3 GiB for the
+        real vocabulary, experiments/results/aot_memory.md)."""
         module, variables = self.module, {"params": params}
         batch, length = tokens.shape
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+        embedded = module.apply(variables, tokens, method=NemotronHTower.embed)
         head = length % chunk
         pieces = []
         if head:
-            hidden, cache = module.apply(variables, tokens[:, :head], cache, valid[:, :head],
-                                         method=NemotronHTower.hidden_states)
+            hidden, cache = module.apply(variables, embedded[:, :head], cache, valid[:, :head],
+                                         method=NemotronHTower.layers_over)
             pieces.append(hidden)
         n = (length - head) // chunk
-        chunks = (tokens[:, head:].reshape(batch, n, chunk).swapaxes(0, 1),
+        chunks = (embedded[:, head:].reshape(batch, n, chunk, -1).swapaxes(0, 1),
                   valid[:, head:].reshape(batch, n, chunk).swapaxes(0, 1))
 
         def body(cache, piece):
-            hidden, cache = module.apply(variables, *piece[:1], cache, piece[1], method=NemotronHTower.hidden_states)
+            hidden, cache = module.apply(variables, piece[0], cache, piece[1], method=NemotronHTower.layers_over)
             out = module.apply(variables, hidden, method=NemotronHTower.logits) if logits_at == "all" else hidden[:, -1:]
             return cache, out
 
