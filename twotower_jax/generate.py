@@ -27,13 +27,15 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from twotower_jax import sharding
-from twotower_jax.checkpoint.hf import TWO_TOWER
-from twotower_jax.checkpoint.load import checkpoint_dtype, load_checkpoint, resolve_checkpoint
+from twotower_jax.checkpoint.hf import TWO_TOWER, read_config
+from twotower_jax.checkpoint.load import checkpoint_dtype, load_checkpoint, resolve_checkpoint, stored_kind
 from twotower_jax.checkpoint.mapping import keeps_float32
 from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, read_manifest, restore_orbax_checkpoint
 from twotower_jax.ops.ssd import SSD_IMPL_NAMES
+from twotower_jax.plan import device_memory_limit, gib, memory_plan, parse_bytes
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.tower import Impl, NemotronH
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "over every device (twotower_jax.sharding)")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="towers/sharded: use the first N devices (default: every visible device)")
+    p.add_argument("--device-memory", type=parse_bytes, default=None, metavar="BYTES",
+                   help="per-device memory for the up-front plan check, e.g. 80GiB (default: what the runtime "
+                        "reports; none on CPU)")
     p.add_argument("--ssd-impl", choices=sorted(SSD_IMPL_NAMES), default=None,
                    help="Mamba scan: reference (sequential), xla (chunked), pallas, auto (pallas on GPU, xla "
                         "elsewhere; the default)")
@@ -165,6 +170,25 @@ def load(directory: Path, dtype, args: argparse.Namespace, mesh):
     return kind, config, params
 
 
+def check_fits(directory: Path, kind: str, dtype, args: argparse.Namespace, mesh, prompts) -> None:
+    """Refuses, before anything is loaded, a run whose params and caches exceed a device's memory (the
+    `twotower_jax.plan` plan, without compiling: the programs' scratch comes on top)."""
+    limit = args.device_memory
+    if limit is None:
+        limit = device_memory_limit(np.asarray(mesh.devices).reshape(-1)[0])
+    if limit is None:
+        return
+    shape = dict(mesh.shape)
+    plan = memory_plan(read_config(directory), mode=args.mode, placement=args.placement, n_devices=mesh.size,
+                       data=shape.get("data", 1), tensor=shape.get("tensor", 1), batch=len(prompts),
+                       context=max(map(len, prompts)), new_tokens=args.max_new_tokens, block_size=args.block_size,
+                       dtype=dtype, compile=False, device_memory=limit, two_tower_params=kind == TWO_TOWER)
+    if not plan.fits():
+        raise ValueError(f"this run does not fit: params + caches need {gib(plan.peak)} on the fullest device, "
+                         f"which has {gib(limit)} (try --placement towers/sharded on more devices, bfloat16, "
+                         f"or a smaller batch/context)\n{plan.table()}")
+
+
 def _check_kind(kind: str, args: argparse.Namespace) -> None:
     if args.placement == "towers" and kind != TWO_TOWER:
         raise ValueError("--placement towers puts a TwoTower's two towers on two devices; this checkpoint is a "
@@ -185,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
     impl = implementation(args)
     # Fails early, with the fix, when devices are missing.
     mesh = sharding.make_mesh(args.placement, n_devices=args.devices)
+    check_fits(directory, stored_kind(directory), dtype, args, mesh, prompts)
     kind, config, params = load(directory, dtype, args, mesh)
     if kind == TWO_TOWER:
         model = TwoTower(config, dtype=dtype, param_dtype=dtype, impl=impl)

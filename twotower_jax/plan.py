@@ -105,11 +105,12 @@ class MemoryPlan:
 def memory_plan(config, *, mode: str = "diffusion", placement="single", n_devices: int = 1, data: int = 1,
                 tensor: int = 1, batch: int = 1, context: int = 1024, new_tokens: int = 128, block_size: int = 16,
                 dtype=None, moe: str = "ragged", compile: bool = True, devices=None,
-                device_memory: Optional[int] = None) -> MemoryPlan:
+                device_memory: Optional[int] = None, two_tower_params: Optional[bool] = None) -> MemoryPlan:
     """The plan of `mode` for a TwoTower (or, for `ar`, one tower) of `config` (see the module docstring).
 
     `devices`: the devices to compile on (default: the default backend's if it has `n_devices`, else the
-    CPU's); `compile=False` leaves `programs` empty."""
+    CPU's); `compile=False` leaves `programs` empty. `two_tower_params`: whether both towers' params are
+    loaded (default: all modes but `ar`; `generate --mode ar` on a TwoTower checkpoint loads both)."""
     import jax
     import jax.numpy as jnp
 
@@ -125,7 +126,8 @@ def memory_plan(config, *, mode: str = "diffusion", placement="single", n_device
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     dtype = jnp.bfloat16 if dtype is None else dtype
     kind = sharding.resolve(placement).kind
-    if mode == "ar" and kind == "towers":   # AR runs the context tower alone, on the context group
+    both = mode != "ar" if two_tower_params is None else two_tower_params
+    if not both and kind == "towers":   # one tower's params: all of them on the context group
         kind, n_devices = ("sharded", n_devices // 2) if n_devices > 2 else ("single", 1)
     mesh = sharding.abstract_mesh(kind, n_devices, data=data, tensor=tensor)
     compiled_on = None
@@ -141,14 +143,13 @@ def memory_plan(config, *, mode: str = "diffusion", placement="single", n_device
         compiled_on = f"{pool[0].platform} ({pool[0].device_kind})"
 
     impl = Impl(moe=moe)
-    model = (NemotronH(config, dtype, dtype, impl) if mode == "ar"
-             else TwoTower(config, dtype, dtype, impl))
+    model = TwoTower(config, dtype, dtype, impl) if both else NemotronH(config, dtype, dtype, impl)
     shapes = model.param_shapes()   # before the dispatch is chosen: params do not depend on it
     model = placed_model(model, sharding.resolve(kind), mesh if compile else None)
     params_bytes = sharding.param_bytes_per_device(shapes, kind, mesh)
     ids = list(params_bytes)
 
-    tower = model if mode == "ar" else model.context
+    tower = model.context if both else model
     capacity = context + new_tokens
     cache = jax.eval_shape(lambda: tower.init_cache(batch, capacity))
     caches = dict.fromkeys(ids, 0)
@@ -162,7 +163,7 @@ def memory_plan(config, *, mode: str = "diffusion", placement="single", n_device
 
     programs = {}
     if compile:
-        programs = _compile_programs(model, mode, kind, mesh, shapes, batch, context, capacity, block_size)
+        programs = _compile_programs(model, tower, mode, kind, mesh, shapes, batch, context, capacity, block_size)
     description = {"config": _config_name(config), "dtype": jnp.dtype(dtype).name,
                    "mode": mode, "placement": kind, "mesh": dict(mesh.shape), "batch": batch, "context": context,
                    "new_tokens": new_tokens, "block_size": block_size, "moe": model.impl.moe}
@@ -194,7 +195,7 @@ def _cache_bytes(cache, shardings, group: Sequence[int]) -> dict[int, int]:
     return out
 
 
-def _compile_programs(model, mode, kind, mesh, shapes, batch, context, capacity, block_size) -> dict:
+def _compile_programs(model, tower, mode, kind, mesh, shapes, batch, context, capacity, block_size) -> dict:
     """AOT-compiles the programs `mode` runs, each over its tower's devices with params and batch on the
     placement's shardings; returns name → {"devices", "temp", "output", "compile_seconds"}."""
     import jax
@@ -205,8 +206,7 @@ def _compile_programs(model, mode, kind, mesh, shapes, batch, context, capacity,
     shardings = sharding.param_shardings(shapes, kind, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     context_mesh, denoiser_mesh = sharding.tower_mesh(mesh, "context"), sharding.tower_mesh(mesh, "denoiser")
-    tower = model if mode == "ar" else model.context
-    context_params = params if mode == "ar" else params["context"]
+    context_params = params["context"] if tower is not model else params
 
     def struct(shape, dtype, where):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(shape, where, batch))

@@ -13,7 +13,8 @@ import numpy as np
 
 from twotower_jax.checkpoint.hf import (TWO_TOWER, CheckpointError, ShardingFor, checkpoint_kind, load_hf_tower,
                                         load_hf_two_tower, safetensors_float_dtype)
-from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, restore_orbax_checkpoint, stored_dtype
+from twotower_jax.checkpoint.orbax_io import (is_orbax_checkpoint, read_manifest, restore_orbax_checkpoint,
+                                             stored_dtype)
 
 
 DEMO = "demo"
@@ -42,6 +43,12 @@ def checkpoint_dtype(directory: str | os.PathLike) -> np.dtype:
     directory = resolve_checkpoint(directory)
     dtype = stored_dtype(directory) if is_orbax_checkpoint(directory) else safetensors_float_dtype(directory)
     return dtype if dtype in LOAD_DTYPES else np.dtype(np.float32)
+
+
+def stored_kind(directory: str | os.PathLike) -> str:
+    """A single tower or a TwoTower, read without loading any tensor (orbax: the manifest; HF: the names)."""
+    directory = resolve_checkpoint(directory)
+    return read_manifest(directory)["kind"] if is_orbax_checkpoint(directory) else checkpoint_kind(directory)
 
 
 def load_checkpoint(directory: str | os.PathLike, dtype=jnp.float32, sharding_for: Optional[ShardingFor] = None):
