@@ -114,8 +114,8 @@ def compile_placement_programs(model, placement: PlacementLike, mesh: jax.shardi
     placement's shardings and the batch over `data`. `model`'s MoE dispatch is set as the samplers set it
     (`placed_model`). Returns {program: {"devices", "compile_seconds", "memory": memory_analysis bytes}}."""
     placement = resolve(placement)
+    shapes = model.param_shapes()  # before the dispatch is set: expert_parallel traces only under a mesh
     model = placed_model(model, placement, mesh)
-    shapes = model.param_shapes()
     shardings = param_shardings(shapes, placement, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
