@@ -203,8 +203,9 @@ def tower_mesh(mesh: AnyMesh, tower: str) -> AnyMesh:
     return Mesh(mesh.devices[TOWERS.index(tower)], names, axis_types=types)
 
 
-def _positions(mesh: AnyMesh, tower: Optional[str] = None) -> list[int]:
-    """Device ids of `mesh` (or of `tower`'s group) in mesh order; for an abstract mesh, positions 0..N-1."""
+def device_ids(mesh: AnyMesh, tower: Optional[str] = None) -> list[int]:
+    """Device ids of `mesh` (or of `tower`'s group of a `towers` mesh) in mesh order; for an abstract mesh,
+    positions 0..N-1 (the keys `param_bytes_per_device` uses)."""
     if isinstance(mesh, AbstractMesh):
         ids = list(range(mesh.size))
         if tower is not None and TOWER_AXIS in mesh.axis_names:
@@ -213,6 +214,9 @@ def _positions(mesh: AnyMesh, tower: Optional[str] = None) -> list[int]:
             return ids[start:start + group]
         return ids
     return [d.id for d in np.asarray(tower_mesh(mesh, tower).devices if tower else mesh.devices).reshape(-1)]
+
+
+_positions = device_ids  # the earlier private name
 
 
 def replicated(mesh: AnyMesh) -> NamedSharding:
@@ -296,12 +300,12 @@ def param_bytes_per_device(params, placement: PlacementLike, mesh: AnyMesh) -> d
     may be `jax.eval_shape` structs; nothing is allocated). Keys: device ids (a `Mesh`) or positions
     0..N-1 in mesh order (an `AbstractMesh`); every device of the mesh is a key."""
     p = resolve(placement)
-    out = dict.fromkeys(_positions(mesh), 0)
+    out = dict.fromkeys(device_ids(mesh), 0)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = _keys(path)
         s = param_sharding(keys, leaf.shape, p, mesh)
         nbytes = math.prod(s.shard_shape(tuple(leaf.shape))) * np.dtype(leaf.dtype).itemsize
-        for device in _positions(mesh, _tower_of(keys) if p.kind == "towers" else None):
+        for device in device_ids(mesh, _tower_of(keys) if p.kind == "towers" else None):
             out[device] += nbytes
     return out
 
@@ -359,4 +363,4 @@ def describe(placement: PlacementLike, mesh: AnyMesh) -> Mapping[str, str]:
     return {"placement": p.kind,
             "rules": ",".join(f"{a}->{'+'.join(m)}" for a, m in sorted(p.rule_map.items())) or "-",
             "mesh": "x".join(f"{a}={s}" for a, s in dict(mesh.shape).items()),
-            "devices": ",".join(str(d) for d in _positions(mesh))}
+            "devices": ",".join(str(d) for d in device_ids(mesh))}
