@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from twotower_jax import sharding
 from twotower_jax.config import nano_30b_a3b
-from twotower_jax.sampling.placed import compile_placement_programs
+from twotower_jax.plan import compile_programs
 from twotower_jax.tower import Impl
 from twotower_jax.two_tower import TwoTower
 
@@ -54,14 +54,15 @@ def main(argv=None) -> int:
                "ideal_bytes": table["ideal_bytes"], "per_device": {str(k): v for k, v in table["per_device"].items()},
                "max_over_ideal": table["max_over_ideal"], "rules": sharding.describe(name, mesh)["rules"]}
         if not args.no_compile:
-            row["programs"] = compile_placement_programs(
-                model, name, mesh, batch=args.batch, prompt_length=args.prompt_length, new_tokens=args.new_tokens,
-                block_size=args.block_size)
+            row["programs"] = compile_programs(model, "diffusion", name, mesh, batch=args.batch,
+                                               context=args.prompt_length, new_tokens=args.new_tokens,
+                                               block_size=args.block_size)
         rows.append(row)
         print(f"{row['placement']}: largest device {table['max_bytes'] / GB:.2f} GB = {table['max_over_ideal']:.4f} x ideal "
               f"{table['ideal_bytes'] / GB:.2f} GB", flush=True)
         for program, info in row.get("programs", {}).items():
-            print(f"  {program}: compiled in {info['compile_seconds']:.1f} s, memory {info['memory']}", flush=True)
+            print(f"  {program}: compiled in {info['compile_seconds']:.1f} s, arguments {info['argument'] / GB:.2f} GB, "
+                  f"temp {info['temp'] / GB:.2f} GB", flush=True)
 
     # For comparison: the rules before dense weights were split (experts and vocabulary only), bytes only.
     before = sharding.Placement("sharded", (("expert", sharding.EXPERT_AXIS), ("vocab", sharding.MODEL_AXES)))
@@ -109,10 +110,9 @@ def markdown(rows, meta) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             for name, p in r.get("programs", {}).items():
-                m = p["memory"]
                 lines.append(f"| {r['placement']} | {name} | {','.join(map(str, p['devices']))} | "
-                             f"{p['compile_seconds']:.1f} | {m.get('argument_size_in_bytes', 0) / GB:.2f} | "
-                             f"{m.get('output_size_in_bytes', 0) / GB:.2f} | {m.get('temp_size_in_bytes', 0) / GB:.2f} |")
+                             f"{p['compile_seconds']:.1f} | {p['argument'] / GB:.2f} | {p['output'] / GB:.2f} | "
+                             f"{p['temp'] / GB:.2f} |")
     return "\n".join(lines) + "\n"
 
 

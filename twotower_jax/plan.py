@@ -115,7 +115,6 @@ def memory_plan(config, *, mode: str = "diffusion", placement="single", n_device
     import jax.numpy as jnp
 
     from twotower_jax import sharding
-    from twotower_jax.sampling.placed import placed_model
     from twotower_jax.tower import Impl, NemotronH
     from twotower_jax.two_tower import TwoTower
 
@@ -144,8 +143,7 @@ def memory_plan(config, *, mode: str = "diffusion", placement="single", n_device
 
     impl = Impl(moe=moe)
     model = TwoTower(config, dtype, dtype, impl) if both else NemotronH(config, dtype, dtype, impl)
-    shapes = model.param_shapes()   # before the dispatch is chosen: params do not depend on it
-    model = placed_model(model, sharding.resolve(kind), mesh if compile else None)
+    shapes = model.param_shapes()
     params_bytes = sharding.param_bytes_per_device(shapes, kind, mesh)
     ids = list(params_bytes)
 
@@ -156,17 +154,18 @@ def memory_plan(config, *, mode: str = "diffusion", placement="single", n_device
     holders = ["context"] + ([] if mode == "ar" or kind != "towers" else ["denoiser"])
     for holder in holders:
         shardings = sharding.cache_shardings(cache, kind, mesh, tower=holder)
-        group = sharding._positions(mesh, holder if kind == "towers" else None)
+        group = sharding.device_ids(mesh, holder if kind == "towers" else None)
         per = _cache_bytes(cache, shardings, group)
         for device, nbytes in per.items():
             caches[device] += nbytes
 
     programs = {}
     if compile:
-        programs = _compile_programs(model, tower, mode, kind, mesh, shapes, batch, context, capacity, block_size)
+        programs = compile_programs(model, mode, kind, mesh, batch=batch, context=context, new_tokens=new_tokens,
+                                    block_size=block_size)
     description = {"config": _config_name(config), "dtype": jnp.dtype(dtype).name,
                    "mode": mode, "placement": kind, "mesh": dict(mesh.shape), "batch": batch, "context": context,
-                   "new_tokens": new_tokens, "block_size": block_size, "moe": model.impl.moe}
+                   "new_tokens": new_tokens, "block_size": block_size}
     return MemoryPlan(description, params_bytes, caches, programs, compiled_on, device_memory)
 
 
@@ -195,14 +194,26 @@ def _cache_bytes(cache, shardings, group: Sequence[int]) -> dict[int, int]:
     return out
 
 
-def _compile_programs(model, tower, mode, kind, mesh, shapes, batch, context, capacity, block_size) -> dict:
-    """AOT-compiles the programs `mode` runs, each over its tower's devices with params and batch on the
-    placement's shardings; returns name → {"devices", "temp", "output", "compile_seconds"}."""
+def compile_programs(model, mode: str, placement, mesh, *, batch: int = 1, context: int = 1024,
+                     new_tokens: int = 128, block_size: int = 16) -> dict:
+    """AOT-compiles, from shapes alone (nothing allocated), the programs `mode` runs for `model` (a TwoTower,
+    or a tower for `ar`) under `placement` on `mesh`: the context prefill (last-position logits), then the
+    decode step (`ar`) or the context extension and the denoiser pass over 1 (`mock_ar`) or `block_size`
+    (`diffusion`) tokens. Each compiles over its tower's devices (`towers`: its group) with params on the
+    placement's shardings, batch rows over `data`, and the MoE dispatch the samplers use (`placed_model`).
+    Returns name → {"devices", "argument", "output", "temp" (bytes per device), "compile_seconds"}."""
     import jax
     import jax.numpy as jnp
 
     from twotower_jax import sharding
+    from twotower_jax.sampling.placed import placed_model
+    from twotower_jax.two_tower import TwoTower
 
+    kind = sharding.resolve(placement).kind
+    shapes = model.param_shapes()   # before the dispatch is chosen: params do not depend on it
+    model = placed_model(model, sharding.resolve(kind), mesh)
+    tower = model.context if isinstance(model, TwoTower) else model
+    capacity = context + new_tokens
     shardings = sharding.param_shardings(shapes, kind, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     context_mesh, denoiser_mesh = sharding.tower_mesh(mesh, "context"), sharding.tower_mesh(mesh, "denoiser")
@@ -240,8 +251,8 @@ def _compile_programs(model, tower, mode, kind, mesh, shapes, batch, context, ca
         with jax.set_mesh(where):
             compiled = jax.jit(fn).lower(*args).compile()
         stats = compiled.memory_analysis()
-        out[name] = {"devices": [d.id for d in np.asarray(where.devices).reshape(-1)],
-                     "temp": int(stats.temp_size_in_bytes), "output": int(stats.output_size_in_bytes),
+        out[name] = {"devices": sharding.device_ids(where), "argument": int(stats.argument_size_in_bytes),
+                     "output": int(stats.output_size_in_bytes), "temp": int(stats.temp_size_in_bytes),
                      "compile_seconds": time.perf_counter() - begin}
     return out
 

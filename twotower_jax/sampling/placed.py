@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import time
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 
 from twotower_jax.sampling.timing import compile_and_run, compiled_for
 from twotower_jax.sharding import (
-    EXPERT_AXIS, Placement, PlacementLike, batch_shardings, check_mesh, make_mesh, param_shardings, place_params,
-    replicated, resolve, tower_mesh)
+    EXPERT_AXIS, Placement, batch_shardings, check_mesh, make_mesh, param_shardings, place_params,
+    replicated, tower_mesh)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,55 +94,3 @@ def placed_model(model, placement: Placement, mesh: Optional[jax.sharding.Mesh] 
     if moe == model.impl.moe:
         return model
     return dataclasses.replace(model, impl=dataclasses.replace(model.impl, moe=moe))
-
-
-def _memory(compiled) -> dict:
-    """`compiled.memory_analysis()` as a dict of byte counts (per device: every device runs the same SPMD program)."""
-    stats = compiled.memory_analysis()
-    names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-             "generated_code_size_in_bytes")
-    return {name: int(getattr(stats, name)) for name in names if stats is not None and hasattr(stats, name)}
-
-
-def compile_placement_programs(model, placement: PlacementLike, mesh: jax.sharding.Mesh, *, batch: int = 1,
-                               prompt_length: int = 128, new_tokens: int = 128, block_size: int = 16) -> dict:
-    """Compiles, ahead of time and from shapes alone (nothing allocated), the programs a TwoTower runs in
-    diffusion under `placement` on `mesh`: the context prefill, the context extension over a block and a
-    denoiser pass over a block, each over its tower's devices (`towers`: its group) with the params on the
-    placement's shardings and the batch over `data`. `model`'s MoE dispatch is set as the samplers set it
-    (`placed_model`). Returns {program: {"devices", "compile_seconds", "memory": memory_analysis bytes}}."""
-    placement = resolve(placement)
-    shapes = model.param_shapes()  # before the dispatch is set: expert_parallel traces only under a mesh
-    model = placed_model(model, placement, mesh)
-    shardings = param_shardings(shapes, placement, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
-    capacity = prompt_length + new_tokens
-
-    def struct(shape, dtype, where):
-        return on(jax.ShapeDtypeStruct(shape, dtype), batch_shardings(jax.ShapeDtypeStruct(shape, dtype), where, batch))
-
-    cache = jax.eval_shape(lambda: model.context.init_cache(batch, capacity))
-    programs = {
-        "context_prefill": (context_mesh, jax.jit(lambda p, tokens, valid: model.context.prefill(
-            p, tokens, valid, capacity=capacity)[1]),
-            (params["context"], struct((batch, prompt_length), jnp.int32, context_mesh),
-             struct((batch, prompt_length), jnp.bool_, context_mesh))),
-        "context_extend_block": (context_mesh, jax.jit(lambda p, block, cache, valid: model.context.extend(
-            p, block, cache, valid)[1]),
-            (params["context"], struct((batch, block_size), jnp.int32, context_mesh),
-             on(cache, batch_shardings(cache, context_mesh, batch)),
-             struct((batch, block_size), jnp.bool_, context_mesh))),
-        "denoiser_block": (denoiser_mesh, jax.jit(lambda p, canvas, cache, t: model.denoise(p, canvas, cache, t)),
-                           ({"denoiser": params["denoiser"]}, struct((batch, block_size), jnp.int32, denoiser_mesh),
-                            on(cache, batch_shardings(cache, denoiser_mesh, batch)),
-                            struct((batch,), jnp.float32, denoiser_mesh))),
-    }
-    out = {}
-    for name, (where, fn, args) in programs.items():
-        begin = time.perf_counter()
-        with jax.set_mesh(where):
-            compiled = fn.lower(*args).compile()
-        out[name] = {"devices": [d.id for d in where.devices.reshape(-1)], "mesh": dict(where.shape),
-                     "compile_seconds": time.perf_counter() - begin, "memory": _memory(compiled)}
-    return out
