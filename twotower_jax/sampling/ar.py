@@ -111,10 +111,12 @@ def ar_loop(params: Params, tokens, valid, seeds, *, model: NemotronH, max_new_t
     return _token_loop(logits[:, -1], advance, cache, seeds, _rules(model, max_new_tokens, sampling, eos_token_id))
 
 
-def _context_prefix(params: Params, tokens, valid, *, model: TwoTower, max_new_tokens: int):
-    """Mock-AR's context cache: the prompt minus its last token (which the denoiser reads first)."""
+def _context_prefix(params: Params, tokens, valid, *, model: TwoTower, max_new_tokens: int,
+                    capacity: Optional[int] = None):
+    """Mock-AR's (and self-speculation's) context cache: the prompt minus its last token (which the denoiser
+    reads first), in `capacity` slots (default: prompt + max_new_tokens)."""
     batch, prompt_len = tokens.shape
-    capacity = prompt_len + max_new_tokens
+    capacity = prompt_len + max_new_tokens if capacity is None else capacity
     if prompt_len > 1:
         return model.context.prefill(params["context"], tokens[:, :-1], valid[:, :-1], capacity=capacity,
                                      logits_at="none")[1]

@@ -64,23 +64,27 @@ def commit_count(n_masked, n_confident, step, steps_per_block):
 
 
 def _denoise_block(model: TwoTower, params, context_cache, keys, block_index, active, width: int,
-                   dp: DiffusionParams, threshold):
-    """Fills one block; `threshold` is γ, a traced scalar. Returns (canvas (b, width), denoiser passes per
-    row, batched passes)."""
+                   dp: DiffusionParams, threshold, canvas=None, masked=None):
+    """Fills one block; `threshold` is γ, a traced scalar. `canvas` (b, width) int32 and `masked` (b, width)
+    bool, or None (every position masked): tokens already committed and the positions left to fill (a
+    separate mask, so a committed token that is the MASK id itself is never re-filled). Returns (canvas
+    (b, width), denoiser passes per row, batched passes)."""
     batch = active.shape[0]
     mask_id = dp.mask_token_id
+    if canvas is None:
+        canvas = jnp.full((batch, width), mask_id, jnp.int32)
+        masked = jnp.ones((batch, width), bool)
 
     def cond(state):
-        step, canvas, _ = state
-        return (step < dp.steps_per_block) & jnp.any(active & jnp.any(canvas == mask_id, axis=-1))
+        step, _, masked, _ = state
+        return (step < dp.steps_per_block) & jnp.any(active & jnp.any(masked, axis=-1))
 
     def body(state):
-        step, canvas, row_passes = state
-        masked = canvas == mask_id
+        step, canvas, masked, row_passes = state
         n_masked = masked.sum(-1)
         running = active & (n_masked > 0)
         t = n_masked.astype(jnp.float32) / width
-        logits = model.denoise(params, canvas, context_cache, t)
+        logits = model.denoise(params, jnp.where(masked, mask_id, canvas), context_cache, t)
         logits = logits.at[..., mask_id].set(MASK_LOGIT)
         if dp.temperature == 0:
             candidate = jnp.argmax(logits, axis=-1)
@@ -97,11 +101,10 @@ def _denoise_block(model: TwoTower, params, context_cache, keys, block_index, ac
         rank = jnp.argsort(order, axis=-1)
         commit = masked & (rank < k[:, None])
         canvas = jnp.where(commit, candidate.astype(canvas.dtype), canvas)
-        return step + 1, canvas, row_passes + running.astype(jnp.int32)
+        return step + 1, canvas, masked & ~commit, row_passes + running.astype(jnp.int32)
 
-    canvas = jnp.full((batch, width), mask_id, jnp.int32)
-    steps, canvas, row_passes = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), canvas, jnp.zeros((batch,), jnp.int32)))
+    steps, canvas, _, row_passes = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), canvas, masked, jnp.zeros((batch,), jnp.int32)))
     return canvas, row_passes, steps
 
 

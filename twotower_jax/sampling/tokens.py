@@ -40,6 +40,25 @@ def fold_rows(keys: jax.Array, *indices) -> jax.Array:
     return keys
 
 
+def sampling_logits(logits: Float[Array, "... v"], sampling: SamplingParams) -> Float[Array, "... v"]:
+    """The logits `select_tokens` samples from when temperature > 0: logits / T, with every token outside the
+    top-k / top-p set at the float32 minimum (softmax of the result is the sampling distribution)."""
+    scaled = logits.astype(jnp.float32) / sampling.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sampling.top_k > 0:
+        k = min(sampling.top_k, logits.shape[-1])
+        kth = jax.lax.top_k(scaled, k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, neg, scaled)
+    if sampling.top_p < 1:
+        sorted_logits = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < cutoff, neg, scaled)
+    return scaled
+
+
 def select_tokens(logits: Float[Array, "b v"], keys: jax.Array, sampling: SamplingParams) -> Int[Array, "b"]:
     """Greedy argmax, or a sample from softmax(logits / T) restricted to the top-k / top-p set.
 
@@ -47,20 +66,7 @@ def select_tokens(logits: Float[Array, "b v"], keys: jax.Array, sampling: Sampli
     logits = logits.astype(jnp.float32)
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / sampling.temperature
-    neg = jnp.finfo(jnp.float32).min
-    if sampling.top_k > 0:
-        k = min(sampling.top_k, logits.shape[-1])
-        kth = jax.lax.top_k(scaled, k)[0][:, -1:]
-        scaled = jnp.where(scaled < kth, neg, scaled)
-    if sampling.top_p < 1:
-        sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        scaled = jnp.where(scaled < cutoff, neg, scaled)
-    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, sampling)).astype(jnp.int32)
 
 
 def token_logprobs(logits: Float[Array, "b v"], tokens: Int[Array, "b"]) -> Float[Array, "b"]:

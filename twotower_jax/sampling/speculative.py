@@ -1,0 +1,272 @@
+"""Lossless self-speculative decoding (issue 13): the denoiser drafts a block, the context tower verifies it
+in the extension pass diffusion mode runs anyway. Output distribution = AR's (greedy: token for token).
+
+Invariant between cycles, per row: the context cache holds the text up to, not including, the last
+committed token `last` (the prompt's last token at the start, so the prompt minus one token is prefilled).
+One cycle, for the rows still running (finished rows are frozen: they take no denoiser commits and no
+valid context positions):
+
+1. Draft. Block = [last, MASK × (S−1)]; the denoiser fills the masks with `draft_steps` passes of the
+   diffusion commit rule (`diffusion._denoise_block`; 1 pass = argmax everywhere, MASK logit forbidden).
+   The drafter is always greedy: with a one-hot proposal d the acceptance probability is p(d), which
+   the most likely token maximises; any draft keeps the output exact.
+2. Verify. The context tower extends its cache over [last, d_1 … d_{S−1}] (logits_at="all"): its
+   logits at block position i are the AR distribution of the token after position i.
+3. Accept (`accept_drafts`). Greedy: the longest prefix with d_{i+1} = argmax p_i, then the AR argmax
+   at the first mismatch (or after d_{S−1}). Sampling: d_{i+1} accepted with probability p_i(d_{i+1})
+   under the temperature/top-k/top-p-transformed distribution (`tokens.sampling_logits`, the one
+   `select_tokens` samples from); at the first rejection a token from p_i with d_{i+1} removed and
+   renormalised (speculative sampling with a one-hot proposal: exactly AR's distribution). a + 1 tokens
+   per row and cycle, cut at the row's first EOS and at max_new_tokens; log-probs are those of the
+   unscaled context softmax, as in `generate_ar`.
+4. Roll back. The cache must hold [last, d_1 … d_a] (not the new last token). Chosen: replay — extend
+   the pre-verify cache again over the same S tokens with `valid` = positions 0..a of each row (the
+   other positions are skipped exactly by Mamba and are invalid KV slots). Why: it is exact by
+   construction through the one extension path every other sampler uses (chunked SSD, conv, KV, MoE),
+   with no change to the layers; per-position states would need the Mamba layer to emit the state after
+   every position (conv columns and the SSD's within-chunk states) and the attention/MoE layers nothing,
+   a deeper change for a saving of one context pass. Its cost: one extra context pass in each cycle
+   where some running row rejected a draft (skipped when every running row accepted all S − 1 drafts:
+   the verify pass's cache is then already right); counted honestly in `context_passes` /
+   `rollback_passes`, see experiments/results/speculative_cpu.md for the measured share.
+   Slots: KV slots are shared by all rows, so a cycle advances the cache by m = the longest committed
+   prefix among running rows (S without a rollback); a row that accepted fewer leaves invalid slots
+   (holes), which attention masks. Capacity: prompt − 1 + min(N·S, B·(N − 1) + S) slots (N =
+   max_new_tokens, B = rows): a running row has < N tokens, so before the last cycle at most
+   min((N − 1)·S, B·(N − 1)) slots are used, and the last cycle writes S more. No compaction.
+
+The whole generation is one program (`jax.lax.while_loop` over cycles) placed by `run_placed` (`single`,
+`sharded`). On `towers` it runs whole on the context tower's device group, as `generate_ar` does, with
+the denoiser's params there too (not yet as per-tower pieces: the towers do not get one device each).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twotower_jax.sampling.ar import _context_prefix
+from twotower_jax.sampling.diffusion import DiffusionParams, _denoise_block
+from twotower_jax.sampling.placed import placed_model, placement_mesh, run_placed
+from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
+from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, sampling_logits
+from twotower_jax.sharding import PlacementLike, group_placement, resolve, tower_mesh
+from twotower_jax.tower import Params
+from twotower_jax.two_tower import TwoTower
+
+
+def leading_true(flags):
+    """(b, n) bool -> (b,) the number of leading True values per row."""
+    return jnp.sum(jnp.cumprod(flags.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+
+
+def accept_drafts(logits, drafts, keys, sampling: SamplingParams):
+    """The acceptance step. `logits` (b, S, v): the context tower's logits at the block positions [last,
+    d_1 … d_{S−1}]; `drafts` (b, S−1) = d_1 … d_{S−1}; `keys` one PRNG key per row (this cycle's).
+    Returns (a (b,) accepted drafts, tokens (b, S)): the row's committed tokens are tokens[:, :a + 1]
+    (d_1 … d_a, then the AR tower's own token)."""
+    batch, width, vocab = logits.shape
+    logits = logits.astype(jnp.float32)
+    if sampling.greedy:
+        choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return leading_true(drafts == choice[:, :-1]), choice
+    z = sampling_logits(logits, sampling)
+    p_draft = jnp.take_along_axis(jax.nn.softmax(z, axis=-1)[:, :-1], drafts[..., None], axis=-1)[..., 0]
+    uniform = jax.vmap(lambda k: jax.random.uniform(k, (width - 1,)))(fold_rows(keys, 0))
+    a = leading_true(uniform < p_draft)
+    # At a rejection: p_i with the rejected draft removed (renormalised by the categorical); after the last
+    # draft: p_{S-1} itself.
+    removed = jax.nn.one_hot(jnp.concatenate([drafts, jnp.full((batch, 1), -1, drafts.dtype)], 1), vocab,
+                             dtype=bool)
+    residual = jnp.where(removed, jnp.finfo(jnp.float32).min, z)
+    resampled = jax.vmap(lambda k, r: jax.random.categorical(k, r, axis=-1))(fold_rows(keys, 1), residual)
+    position = jnp.arange(width)
+    padded = jnp.concatenate([drafts, jnp.zeros((batch, 1), drafts.dtype)], 1)
+    return a, jnp.where(position[None] < a[:, None], padded, resampled).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    max_new_tokens: int
+    block_size: int
+    draft: DiffusionParams       # the drafter: greedy, `draft_steps` passes per block
+    sampling: SamplingParams
+    eos_token_id: Optional[int]
+    pad: int
+
+    def capacity(self, prompt_len: int, batch: int) -> int:
+        n, s = self.max_new_tokens, self.block_size
+        return max(prompt_len - 1 + min(n * s, batch * (n - 1) + s), 1)
+
+
+class SpecState(NamedTuple):
+    """Between cycles (the context cache travels separately): cycle index, last committed token (b,),
+    outputs / log-probs (b, N), tokens so far (b,), finished rows (b,), per-row verify / rollback /
+    denoiser passes (b,), batched verify / rollback / denoiser passes (), acceptance histogram (S,):
+    hist[a] = row-cycles that accepted a drafts (committed a + 1 tokens before EOS / length cuts)."""
+    cycle: jax.Array
+    last: jax.Array
+    out: jax.Array
+    out_logp: jax.Array
+    gen: jax.Array
+    done: jax.Array
+    row_verify: jax.Array
+    row_rollback: jax.Array
+    row_den: jax.Array
+    verify: jax.Array
+    rollback: jax.Array
+    den: jax.Array
+    hist: jax.Array
+
+
+def _start(tokens, spec: _Spec) -> SpecState:
+    batch = tokens.shape[0]
+    zeros = jnp.zeros((batch,), jnp.int32)
+    n = spec.max_new_tokens
+    return SpecState(jnp.int32(0), tokens[:, -1], jnp.full((batch, n), spec.pad, jnp.int32),
+                     jnp.zeros((batch, n), jnp.float32), zeros, jnp.zeros((batch,), bool), zeros, zeros, zeros,
+                     jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.zeros((spec.block_size,), jnp.int32))
+
+
+def _cycle(model: TwoTower, params, keys, threshold, spec: _Spec, s: SpecState, cache):
+    """One draft / verify / accept / roll-back cycle. Returns (state, cache)."""
+    width, n_max = spec.block_size, spec.max_new_tokens
+    batch = s.last.shape[0]
+    active = ~s.done
+    position = jnp.arange(width)
+    canvas = jnp.concatenate([s.last[:, None], jnp.full((batch, width - 1), spec.draft.mask_token_id, jnp.int32)], 1)
+    masked = jnp.broadcast_to(position[None] > 0, canvas.shape)
+    block, row_passes, passes = _denoise_block(model, params, cache, keys, s.cycle, active, width, spec.draft,
+                                               threshold, canvas, masked)
+    context = model.context
+    logits, verified = context.extend(params["context"], block, cache, jnp.broadcast_to(active[:, None], block.shape),
+                                      logits_at="all")
+    a, tokens = accept_drafts(logits, block[:, 1:], fold_rows(keys, s.cycle), spec.sampling)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[..., None], -1)[..., 0]
+    n = jnp.minimum(a + 1, n_max - s.gen)
+    hit_eos = jnp.zeros_like(active)
+    if spec.eos_token_id is not None:
+        first_eos = jnp.min(jnp.where(tokens == spec.eos_token_id, position, width), axis=-1)
+        hit_eos = active & (first_eos < n)
+        n = jnp.minimum(n, first_eos + 1)
+    n = jnp.where(active, n, 0)
+    write = position[None] < n[:, None]
+    rows = jnp.arange(batch)[:, None]
+    columns = jnp.where(write, s.gen[:, None] + position[None], n_max)       # n_max: dropped
+    out = s.out.at[rows, columns].set(tokens, mode="drop")
+    out_logp = s.out_logp.at[rows, columns].set(logp, mode="drop")
+    gen = s.gen + n
+    done = s.done | hit_eos | (gen >= n_max)
+    last = jnp.where(active, jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0], s.last)
+    still = ~done
+    need = jnp.any(still & (a < width - 1))
+
+    def roll_back(_):
+        replay = still[:, None] & (position[None] <= a[:, None])
+        _, cache_r = context.extend(params["context"], block, cache, replay, logits_at="none")
+        return cache_r.replace(length=cache.length + jnp.max(jnp.where(still, a + 1, 0)))
+
+    cache = jax.lax.cond(need, roll_back, lambda _: verified, None)
+    hist = s.hist + jnp.zeros((width,), jnp.int32).at[a].add(active.astype(jnp.int32))
+    return SpecState(s.cycle + 1, last, out, out_logp, gen, done, s.row_verify + active, s.row_rollback + (still & need),
+                     s.row_den + row_passes, s.verify + 1, s.rollback + need, s.den + passes,
+                     hist), cache
+
+
+def speculative_loop(params: Params, tokens, valid, seeds, threshold, *, model: TwoTower, spec: _Spec):
+    """The whole generation as one program (traced inside `run_placed`'s jit). Returns the final SpecState
+    (and whether the prompt prefix took a context pass)."""
+    batch, prompt_len = tokens.shape
+    keys = row_keys(seeds)
+    cache = _context_prefix(params, tokens, valid, model=model, max_new_tokens=spec.max_new_tokens,
+                            capacity=spec.capacity(prompt_len, batch))
+    s = _start(tokens, spec)
+    s, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[0].done),
+                              lambda c: _cycle(model, params, keys, threshold, spec, *c), (s, cache))
+    return s
+
+
+def generate_self_speculative(
+    model: TwoTower,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    block_size: int = 16,
+    draft_steps: int = 1,
+    confidence_threshold: float = 0.9,
+    mask_token_id: int = 3,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    seed: Union[int, Sequence[int]] = 0,
+    placement: PlacementLike = "single",
+    mesh: Optional[jax.sharding.Mesh] = None,
+    prompt_width: Optional[int] = None,
+) -> GenerationResult:
+    """AR's output (greedy: token for token; sampling: in distribution) at up to `block_size` tokens per
+    context-tower verify pass: the denoiser drafts S − 1 tokens after the last committed one with
+    `draft_steps` passes of the diffusion commit rule (γ = `confidence_threshold` when more than one), the
+    context tower verifies them in its extension pass. See the module docstring for the cycle.
+
+    Arguments and per-row semantics as `generate_ar` (seed, placement, mesh, prompt_width) and
+    `generate_mask_diffusion` (block_size, mask_token_id). Stats: `context_passes` (prompt prefix +
+    verify + rollback passes), `verify_passes`, `rollback_passes`, `denoiser_passes`,
+    `tokens_per_context_pass` (generated tokens / the verify + rollback passes each row took part in, over
+    all rows: AR's equivalent is 1) and per row, `tokens_per_verify_pass` (rollbacks not counted), `acceptance_histogram` (index a: row-cycles that accepted a drafts).
+    """
+    if not isinstance(model, TwoTower):
+        raise ValueError("self-speculative decoding needs a TwoTower model (context + denoiser towers)")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if not (isinstance(block_size, int) and block_size >= 2):
+        raise ValueError(f"block_size must be an integer >= 2 (the last token and at least one draft), got "
+                         f"{block_size}")
+    if not (isinstance(draft_steps, int) and 1 <= draft_steps <= block_size - 1):
+        raise ValueError(f"draft_steps must be an integer in [1, block_size - 1 = {block_size - 1}], got "
+                         f"{draft_steps}")
+    confidence_threshold = float(confidence_threshold)
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    draft = DiffusionParams(block_size, draft_steps, mask_token_id, 0.0)
+    draft.validate(model.config.vocab_size)
+    check_eos(eos_token_id, model.config.vocab_size)
+    spec = _Spec(max_new_tokens, block_size, draft, SamplingParams(float(temperature), top_k, top_p), eos_token_id,
+                 model.config.pad_token_id)
+    placement = resolve(placement)
+    requested = placement.kind
+    mesh = placement_mesh(placement, mesh)
+    model = placed_model(model, placement, mesh)
+    if placement.kind == "towers":  # whole on the context tower's group, both towers' params there
+        mesh, placement = tower_mesh(mesh, "context"), group_placement(placement)
+    tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size, prompt_width)
+    seeds = row_seeds(seed, len(tokens))
+    s, compile_s, run_s = run_placed(speculative_loop, placement, mesh, params, tokens, valid, seeds,
+                                     np.float32(confidence_threshold), model=model, spec=spec)
+    gen = np.asarray(s.gen)
+    toks, logps = cut_rows(np.asarray(s.out), np.asarray(s.out_logp), gen)
+    verify, rollback = int(s.verify), int(s.rollback)
+    row_ctx = np.asarray(s.row_verify) + np.asarray(s.row_rollback)
+    stats = {
+        "generated_tokens": int(gen.sum()),
+        "context_passes": int(tokens.shape[1] > 1) + verify + rollback,
+        "verify_passes": verify,
+        "rollback_passes": rollback,
+        "denoiser_passes": int(s.den),
+        "forward_passes": int(tokens.shape[1] > 1) + verify + rollback + int(s.den),
+        "tokens_per_context_pass": float(gen.sum() / max(row_ctx.sum(), 1)),
+        "tokens_per_verify_pass": float(gen.sum() / max(np.asarray(s.row_verify).sum(), 1)),
+        "row_context_passes": row_ctx.tolist(),
+        "row_denoiser_passes": np.asarray(s.row_den).tolist(),
+        "row_tokens_per_context_pass": (gen / np.maximum(row_ctx, 1)).tolist(),
+        "row_tokens_per_verify_pass": (gen / np.maximum(np.asarray(s.row_verify), 1)).tolist(),
+        "acceptance_histogram": np.asarray(s.hist).tolist(),
+        "seconds": run_s,
+        "compile_seconds": compile_s,
+        "placement": requested,
+    }
+    return GenerationResult(toks, logps, stats)
