@@ -106,7 +106,8 @@ class SpecState(NamedTuple):
     """Between cycles (the context cache travels separately): cycle index, last committed token (b,),
     outputs / log-probs (b, N), tokens so far (b,), finished rows (b,), per-row verify / rollback /
     denoiser passes (b,), batched verify / rollback / denoiser passes (), acceptance histogram (S,):
-    hist[a] = row-cycles that accepted a drafts (committed a + 1 tokens before EOS / length cuts)."""
+    hist[k] = row-cycles that committed k + 1 tokens (k accepted drafts + the AR token, after the EOS and
+    max_new_tokens cuts: drafts accepted past a row's end are not counted)."""
     cycle: jax.Array
     last: jax.Array
     out: jax.Array
@@ -164,16 +165,23 @@ def _cycle(model: TwoTower, params, keys, threshold, spec: _Spec, s: SpecState, 
     still = ~done
     need = jnp.any(still & (a < width - 1))
 
-    def roll_back(_):
-        replay = still[:, None] & (position[None] <= a[:, None])
-        _, cache_r = context.extend(params["context"], block, cache, replay, logits_at="none")
-        return cache_r.replace(length=cache.length + jnp.max(jnp.where(still, a + 1, 0)))
-
-    cache = jax.lax.cond(need, roll_back, lambda _: verified, None)
-    hist = s.hist + jnp.zeros((width,), jnp.int32).at[a].add(active.astype(jnp.int32))
+    cache = jax.lax.cond(need, lambda _: roll_back(context, params["context"], block, cache, a, still),
+                         lambda _: verified, None)
+    hist = s.hist + jnp.zeros((width,), jnp.int32).at[jnp.maximum(n - 1, 0)].add(active.astype(jnp.int32))
     return SpecState(s.cycle + 1, last, out, out_logp, gen, done, s.row_verify + active, s.row_rollback + (still & need),
                      s.row_den + row_passes, s.verify + 1, s.rollback + need, s.den + passes,
                      hist), cache
+
+
+def roll_back(context, context_params, block, cache, a, keep):
+    """The pre-verify `cache` extended over `block` (b, S) keeping positions 0..a of the rows in `keep` (b,)
+    (the rest skipped: invalid KV slots, Mamba state unchanged), then advanced by the longest kept prefix
+    (later slots are overwritten by the next extension). Equals a cache of the accepted text."""
+    position = jnp.arange(block.shape[1])
+    replay = keep[:, None] & (position[None] <= a[:, None])
+    length = cache.length + jnp.max(jnp.where(keep, a + 1, 0))   # read before `extend` donates `cache`
+    _, replayed = context.extend(context_params, block, cache, replay, logits_at="none")
+    return replayed.replace(length=length)
 
 
 def speculative_loop(params: Params, tokens, valid, seeds, threshold, *, model: TwoTower, spec: _Spec):
@@ -217,7 +225,7 @@ def generate_self_speculative(
     `generate_mask_diffusion` (block_size, mask_token_id). Stats: `context_passes` (prompt prefix +
     verify + rollback passes), `verify_passes`, `rollback_passes`, `denoiser_passes`,
     `tokens_per_context_pass` (generated tokens / the verify + rollback passes each row took part in, over
-    all rows: AR's equivalent is 1) and per row, `tokens_per_verify_pass` (rollbacks not counted), `acceptance_histogram` (index a: row-cycles that accepted a drafts).
+    all rows: AR's equivalent is 1) and per row, `tokens_per_verify_pass` (rollbacks not counted), `acceptance_histogram` (index k: row-cycles that committed k + 1 tokens).
     """
     if not isinstance(model, TwoTower):
         raise ValueError("self-speculative decoding needs a TwoTower model (context + denoiser towers)")

@@ -1,0 +1,184 @@
+"""Self-speculative decoding (issue 13): AR's output at several tokens per context pass.
+
+References come from the definitions: `generate_ar` (greedy tokens and log-probs), the AR sampling
+distribution written out from its definition (softmax(logits / T) on the top-k / top-p set), and a fresh
+prefill of the accepted text (rollback)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from twotower_jax.config import tiny
+from twotower_jax.sampling.ar import generate_ar
+from twotower_jax.sampling.speculative import accept_drafts, generate_self_speculative, roll_back
+from twotower_jax.sampling.tokens import SamplingParams
+from twotower_jax.two_tower import TwoTower
+
+CONFIG = tiny(pattern="M*EM-*E", chunk_size=4)
+MODEL = TwoTower(CONFIG)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12]]
+EOS = 29       # with these params: rows 0 and 1 hit it at their 3rd token, row 2 runs to the end
+N_NEW = 11     # not a multiple of the block size
+
+
+@pytest.fixture(scope="module")
+def params():
+    return MODEL.random_params(seed=11, scale=0.6)
+
+
+@pytest.fixture(scope="module")
+def ar_reference(params):
+    return generate_ar(MODEL, params, PROMPTS, N_NEW, eos_token_id=EOS)
+
+
+def _same_as_ar(result, ar):
+    assert result.tokens == ar.tokens
+    for got, want in zip(result.logprobs, ar.logprobs):
+        # a chunked extension vs one-token decode steps: fp32 rounding only
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_equals_ar_on_random_two_tower(params, ar_reference):
+    assert [len(t) for t in ar_reference.tokens] == [3, 3, N_NEW]            # EOS rows and a full row
+    result = generate_self_speculative(MODEL, params, PROMPTS, N_NEW, block_size=4, eos_token_id=EOS)
+    _same_as_ar(result, ar_reference)
+    s = result.stats
+    hist = s["acceptance_histogram"]
+    assert sum(hist) == sum(s["row_denoiser_passes"])                      # one draft pass per row-cycle
+    assert sum((k + 1) * c for k, c in enumerate(hist)) == s["generated_tokens"]
+    assert s["context_passes"] == 1 + s["verify_passes"] + s["rollback_passes"]
+    assert s["generated_tokens"] == sum(len(t) for t in ar_reference.tokens)
+
+
+@pytest.mark.parametrize("placement", ["sharded", "towers"])
+def test_greedy_equals_ar_on_two_device_placements(params, ar_reference, placement):
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    result = generate_self_speculative(MODEL, params, PROMPTS, N_NEW, block_size=4, eos_token_id=EOS,
+                                       placement=placement)
+    _same_as_ar(result, ar_reference)
+    assert result.stats["placement"] == placement
+
+
+def test_greedy_equals_ar_on_demo_model():
+    from twotower_jax.checkpoint.load import load_checkpoint
+    from twotower_jax.data import EOS_ID, MASK_ID, TASK_KINDS, eval_set, prompt_ids
+    _, config, demo_params = load_checkpoint("demo")
+    demo = TwoTower(config)
+    prompts = [prompt_ids(t) for t in eval_set(TASK_KINDS, 6, seed=1234)]
+    ar = generate_ar(demo, demo_params, prompts, 13, eos_token_id=EOS_ID)
+    result = generate_self_speculative(demo, demo_params, prompts, 13, block_size=8, eos_token_id=EOS_ID,
+                                       mask_token_id=MASK_ID)
+    _same_as_ar(result, ar)
+    assert sum(result.stats["acceptance_histogram"][1:]) > 0              # drafts do get accepted
+    assert result.stats["tokens_per_verify_pass"] > 1
+
+
+# ---- the acceptance step: output distribution = AR sampling's ----------------------------------------
+
+def _target(logits, temperature, top_k, top_p):
+    """softmax(logits / T) restricted to the top-k tokens, then to the smallest most-likely set of mass
+    ≥ top_p, renormalised (float64, from the definition)."""
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.zeros(len(p), bool)
+    order = np.argsort(-z, kind="stable")
+    keep[order[:top_k or len(p)]] = True
+    p = np.where(keep, p, 0)
+    p /= p.sum()
+    mass = 0.0
+    nucleus = np.zeros(len(p), bool)
+    for i in order:
+        if keep[i] and mass < top_p:
+            nucleus[i] = True
+            mass += p[i]
+    p = np.where(nucleus, p, 0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 3, 0.9)])
+def test_acceptance_step_gives_ar_sampling_distribution(temperature, top_k, top_p):
+    """One cycle with block [last, d1, d2] over a 5-token vocabulary: the chance of every committed prefix
+    (x; d1 y; d1 d2 z) must equal AR's p0(x), p0(d1) p1(y), p0(d1) p1(d2) p2(z) under the transformed
+    distributions p_i of the cycle's logits. 200k seeded cycles; each of the ≤ 15 events checked at
+    5 binomial standard deviations (+1e-4): a false alarm for a correct sampler has probability < 1e-5."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (3, 5)).astype(np.float32)
+    drafts = np.array([1, 2], np.int32)
+    n = 200_000
+    sampling = SamplingParams(temperature, top_k, top_p)
+    keys = jax.vmap(jax.random.key)(jnp.arange(n, dtype=jnp.uint32))
+    a, tokens = jax.jit(lambda k: accept_drafts(jnp.broadcast_to(jnp.asarray(logits), (n, 3, 5)),
+                                                jnp.broadcast_to(jnp.asarray(drafts), (n, 2)), k, sampling))(keys)
+    a, tokens = np.asarray(a), np.asarray(tokens)
+    assert ((tokens[:, :2] == drafts) | (np.arange(2) >= a[:, None])).all()      # accepted = the drafts
+    p = [_target(logits[i], temperature, top_k, top_p) for i in range(3)]
+    expected, observed = {}, {}
+    for x in range(5):
+        expected[(x,)] = p[0][x]
+        observed[(x,)] = np.mean(tokens[:, 0] == x)
+    for y in range(5):
+        expected[(1, y)] = p[0][1] * p[1][y]
+        observed[(1, y)] = np.mean((a >= 1) & (tokens[:, 1] == y))
+        expected[(1, 2, y)] = p[0][1] * p[1][2] * p[2][y]
+        observed[(1, 2, y)] = np.mean((a >= 2) & (tokens[:, 2] == y))
+    for event, want in expected.items():
+        tolerance = 5 * np.sqrt(want * (1 - want) / n) + 1e-4
+        assert abs(observed[event] - want) <= tolerance, (event, observed[event], want)
+
+
+def test_acceptance_step_greedy():
+    logits = jnp.asarray(np.eye(6, 8, k=1, dtype=np.float32)[None].repeat(3, 0))     # argmax at i: token i + 1
+    drafts = jnp.asarray([[1, 2, 3, 4, 5], [1, 2, 7, 4, 5], [0, 2, 3, 4, 5]], jnp.int32)
+    a, tokens = accept_drafts(logits, drafts, jax.vmap(jax.random.key)(jnp.arange(3)), SamplingParams())
+    assert a.tolist() == [5, 2, 0]
+    assert tokens.tolist() == [[1, 2, 3, 4, 5, 6]] * 3
+
+
+# ---- rollback: the cache after a cycle = a fresh prefill of the accepted text -------------------------
+
+def test_rollback_equals_fresh_prefill_of_accepted_text(params):
+    context, cp = MODEL.context, params["context"]
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    s = 5
+    # each row's own greedy continuation, so drafts are right up to a chosen point
+    ar = generate_ar(MODEL, params, prompts, s)
+    tokens = np.zeros((2, 4), np.int32)
+    valid = np.zeros((2, 4), bool)
+    for r, p in enumerate(prompts):
+        tokens[r, 4 - (len(p) - 1):] = p[:-1]
+        valid[r, 4 - (len(p) - 1):] = True
+    _, pre = context.prefill(cp, jnp.asarray(tokens), jnp.asarray(valid), capacity=4 + 2 * s)
+    wrong = lambda t: (t + 1) % CONFIG.vocab_size                               # noqa: E731
+    drafts = np.array([ar.tokens[0][:2] + [wrong(ar.tokens[0][2])] + ar.tokens[0][3:4],
+                       [wrong(ar.tokens[1][0])] + ar.tokens[1][1:4]], np.int32)
+    block = jnp.asarray(np.concatenate([[[p[-1]] for p in prompts], drafts], 1).astype(np.int32))
+    logits, _ = context.extend(cp, block, jax.tree.map(jnp.copy, pre), logits_at="all")
+    a, committed = accept_drafts(logits, block[:, 1:], jax.vmap(jax.random.key)(jnp.arange(2)), SamplingParams())
+    assert np.asarray(a).tolist() == [2, 0]
+    cache = roll_back(context, cp, block, pre, a, jnp.asarray([True, True]))
+    assert int(cache.length) == 4 + 3
+    for r, p in enumerate(prompts):
+        text = p + drafts[r, :int(a[r])].tolist()          # cache holds the text up to, not incl., the new last
+        _, fresh = context.prefill(cp, jnp.asarray([text]), capacity=len(text))
+        kv = np.asarray(cache.key_valid[r])
+        assert kv.sum() == len(text)
+        for mine, ref in zip(cache.layers, fresh.layers):
+            if mine is None:
+                continue
+            if hasattr(mine, "k"):
+                np.testing.assert_allclose(np.asarray(mine.k[r])[kv], np.asarray(ref.k[0]), atol=1e-5)
+                np.testing.assert_allclose(np.asarray(mine.v[r])[kv], np.asarray(ref.v[0]), atol=1e-5)
+            else:
+                np.testing.assert_allclose(np.asarray(mine.conv[r]), np.asarray(ref.conv[0]), atol=1e-5)
+                np.testing.assert_allclose(np.asarray(mine.ssm[r]), np.asarray(ref.ssm[0]), atol=1e-5)
+
+
+def test_rejects_bad_arguments(params):
+    with pytest.raises(ValueError, match="block_size"):
+        generate_self_speculative(MODEL, params, PROMPTS, 4, block_size=1)
+    with pytest.raises(ValueError, match="draft_steps"):
+        generate_self_speculative(MODEL, params, PROMPTS, 4, block_size=4, draft_steps=4)
+    with pytest.raises(ValueError, match="TwoTower"):
+        generate_self_speculative(MODEL.context, params["context"], PROMPTS, 4)
