@@ -1,6 +1,6 @@
 """Command line generation.
 
-    python -m twotower_jax.generate --checkpoint DIR --mode {ar,mock_ar,diffusion} --prompt-ids 5,6,7 --json
+    python -m twotower_jax.generate --checkpoint DIR --mode {ar,mock_ar,diffusion,self_speculative} --prompt-ids 5,6,7 --json
 
 `--checkpoint` is a HF-layout directory or an orbax checkpoint made by `python -m convert`, holding a
 single Nemotron-H tower (AR only) or a TwoTower (all modes; AR uses the context tower); `demo` names the
@@ -38,10 +38,11 @@ from twotower_jax.ops.ssd import SSD_IMPL_NAMES
 from twotower_jax.plan import device_memory_limit, gib, memory_plan, parse_bytes
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
+from twotower_jax.sampling.speculative import generate_self_speculative
 from twotower_jax.tower import Impl, NemotronH
 from twotower_jax.two_tower import TwoTower
 
-MODES = ("ar", "mock_ar", "diffusion")
+MODES = ("ar", "mock_ar", "diffusion", "self_speculative")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_IMPLS = {"auto": "auto", "simple": "dense", "ragged": "ragged", "gather": "gather"}  # CLI name -> Impl.moe
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-block", type=int, default=16, help="diffusion: max denoising steps T per block")
     p.add_argument("--confidence-threshold", type=float, default=0.9, help="diffusion: commit threshold γ")
     p.add_argument("--mask-token-id", type=int, default=3, help="diffusion: the [MASK] id")
+    p.add_argument("--draft-steps", type=int, default=1,
+                   help="self_speculative: denoiser passes per drafted block (1: argmax everywhere; more: the "
+                        "diffusion commit rule with --confidence-threshold); output = AR's whatever the value")
     p.add_argument("--placement", choices=sharding.PLACEMENTS, default="single",
                    help="single: one device; towers: context tower on one half of the devices, denoiser on "
                         "the other (one device each on 2); sharded: both towers' experts and dense weights split "
@@ -179,9 +183,13 @@ def check_fits(directory: Path, kind: str, dtype, args: argparse.Namespace, mesh
     if limit is None:
         return
     shape = dict(mesh.shape)
-    plan = memory_plan(read_config(directory), mode=args.mode, placement=args.placement, n_devices=mesh.size,
+    new_tokens, mode = args.max_new_tokens, args.mode
+    if mode == "self_speculative":  # diffusion's towers and caches, the cache with its rejected-draft slots
+        n, s = args.max_new_tokens, args.block_size
+        mode, new_tokens = "diffusion", min(n * s, len(prompts) * (n - 1) + s)
+    plan = memory_plan(read_config(directory), mode=mode, placement=args.placement, n_devices=mesh.size,
                        data=shape.get("data", 1), tensor=shape.get("tensor", 1), batch=len(prompts),
-                       context=max(map(len, prompts)), new_tokens=args.max_new_tokens, block_size=args.block_size,
+                       context=max(map(len, prompts)), new_tokens=new_tokens, block_size=args.block_size,
                        dtype=dtype, compile=False, device_memory=limit, two_tower_params=kind == TWO_TOWER)
     if not plan.fits():
         raise ValueError(f"this run does not fit: params + caches need {gib(plan.peak)} on the fullest device, "
@@ -228,6 +236,12 @@ def run(args: argparse.Namespace) -> dict:
             steps_per_block=args.steps_per_block, mask_token_id=args.mask_token_id, temperature=args.temperature,
             confidence_threshold=args.confidence_threshold, eos_token_id=eos, seed=args.seed,
             placement=args.placement, mesh=mesh)
+    elif args.mode == "self_speculative":
+        result = generate_self_speculative(
+            model, params, prompts, args.max_new_tokens, block_size=args.block_size, draft_steps=args.draft_steps,
+            confidence_threshold=args.confidence_threshold, mask_token_id=args.mask_token_id,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
+            placement=args.placement, mesh=mesh)
     else:
         generate_fn = generate_ar if args.mode == "ar" else generate_mock_ar
         result = generate_fn(model, params, prompts, args.max_new_tokens, temperature=args.temperature,
@@ -256,6 +270,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   if "denoiser_passes" in s else f"{s['forward_passes']} forward passes")
         if "tokens_per_denoiser_pass" in s:
             passes += f" ({s['tokens_per_denoiser_pass']:.2f} tokens per denoiser pass)"
+        if "tokens_per_context_pass" in s:
+            passes += (f" ({s['tokens_per_context_pass']:.2f} tokens per context pass, "
+                       f"{s['tokens_per_verify_pass']:.2f} per verify pass)")
         print(f"{s['generated_tokens']} tokens, {passes}, {s['seconds']:.3f} s (+ {s['compile_seconds']:.1f} s compile)")
     return 0
 
