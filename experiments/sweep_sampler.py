@@ -12,7 +12,8 @@ tokens_per_second (generated tokens up to and including EOS ÷ run seconds at ba
 speedup_vs_ar. AR and every diffusion setting are measured in the same run. Unless --quick, each block size
 also runs with T = 1 (every block in one denoiser pass): no denoiser can be faster than that schedule, so
 its speed-up is this machine's ceiling for that S, whatever the quality. A PNG plots relative accuracy
-against speed-up, one line per (S, T) over γ.
+against speed-up, one line per (S, T) over γ. Unless --quick, a `self_spec` row runs self-speculative decoding
+(AR's exact output, drafted by the denoiser; its tok/pass column is tokens per context-tower pass).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from twotower_jax.data import EOS_ID, MASK_ID, TASK_KINDS, accuracy, eval_set, p
 from twotower_jax.evaluation import agreement, continuation_perplexity, repetition_rate, timed_one_at_a_time
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
+from twotower_jax.sampling.speculative import generate_self_speculative
 from twotower_jax.two_tower import TwoTower
 
 FLAGS = flags.FLAGS
@@ -45,6 +47,8 @@ flags.DEFINE_list("gammas", ["0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "1.0"], 
 flags.DEFINE_list("block_sizes", ["8", "16", "32"], "block sizes S")
 flags.DEFINE_list("steps", ["S"], "steps per block T: integers or 'S' (= block size)")
 flags.DEFINE_bool("mock_ar", True, "also run mock-AR (the denoiser decoding one token per pass)")
+flags.DEFINE_integer("self_speculative", 16, "also run self-speculative decoding (AR's output) at this block size; "
+                     "0: off")
 flags.DEFINE_bool("one_pass", True, "also run T = 1 per block size: every block in one denoiser pass, the fastest "
                   "schedule any denoiser allows (its speed-up bounds every other setting's)")
 flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)")
@@ -62,6 +66,8 @@ def _row(mode, result, timing, tasks, prompts, model, params, reference=None, **
         "perplexity": continuation_perplexity(model.context, params["context"], prompts, generated),
         "repetition": repetition_rate(generated),
         "tokens_per_denoiser_pass": result.stats.get("tokens_per_denoiser_pass"),
+        "tokens_per_context_pass": result.stats.get("tokens_per_context_pass"),
+        "acceptance_histogram": result.stats.get("acceptance_histogram"),
         "denoiser_passes": result.stats.get("denoiser_passes"),
         "generated_tokens": sum(len(g) for g in generated),
         "timed_tokens": tokens,
@@ -79,7 +85,7 @@ def grid(gammas, block_sizes, steps) -> list[tuple[float, int, int]]:
 
 
 def sweep(checkpoint, settings, n_tasks: int, n_timed: int, repeats: int, *, mock_ar: bool = True,
-          temperature: float = 0.0, seed: int = 0, log=print) -> list[dict]:
+          temperature: float = 0.0, seed: int = 0, self_speculative: int = 0, log=print) -> list[dict]:
     """AR (the reference), optionally mock-AR, then mask diffusion at each (γ, S, T); one dict per run."""
     kind, config, params = load_checkpoint(checkpoint)
     if kind != TWO_TOWER:
@@ -105,6 +111,10 @@ def sweep(checkpoint, settings, n_tasks: int, n_timed: int, repeats: int, *, moc
     if mock_ar:
         rows.append(measure("mock_ar", lambda p: generate_mock_ar(model, params, p, max_new_tokens=budget,
                                                                   **common), reference)[0])
+    if self_speculative:
+        rows.append(measure("self_spec", lambda p: generate_self_speculative(
+            model, params, p, max_new_tokens=budget, block_size=self_speculative, mask_token_id=MASK_ID, **common),
+            reference, block_size=self_speculative, steps_per_block=1)[0])
     for gamma, block, steps in settings:
         def diffusion(p, gamma=gamma, block=block, steps=steps):
             return generate_mask_diffusion(model, params, p, max_new_tokens=max(budget, block), block_size=block,
@@ -154,7 +164,7 @@ def table(rows) -> str:
         lines.append(f"{r['mode']:9} {f('confidence_threshold', '5.2f'):>5} {f('block_size', 'd'):>3} "
                      f"{f('steps_per_block', 'd'):>3} {r['accuracy']:6.3f} {r['relative_accuracy']:6.3f} "
                      f"{r['agreement_with_ar']:6.3f} {r['perplexity']:6.2f} {r['repetition']:5.3f} "
-                     f"{f('tokens_per_denoiser_pass', '8.2f'):>8} {r['tokens_per_second']:8.1f} {r['speedup_vs_ar']:6.2f}")
+                     f"{f('tokens_per_context_pass' if r['mode'] == 'self_spec' else 'tokens_per_denoiser_pass', '8.2f'):>8} {r['tokens_per_second']:8.1f} {r['speedup_vs_ar']:6.2f}")
     return "\n".join(lines)
 
 
@@ -199,7 +209,8 @@ def main(argv):
     if FLAGS.one_pass and not FLAGS.quick:
         settings += [(1.0, int(s), 1) for s in FLAGS.block_sizes if (1.0, int(s), 1) not in settings]
     rows = sweep(checkpoint, settings, n_tasks, n_timed, repeats, mock_ar=FLAGS.mock_ar and not FLAGS.quick,
-                 temperature=FLAGS.temperature, seed=FLAGS.seed, log=lambda r: None)
+                 temperature=FLAGS.temperature, seed=FLAGS.seed,
+                 self_speculative=0 if FLAGS.quick else FLAGS.self_speculative, log=lambda r: None)
     _, config, params = load_checkpoint(checkpoint)
     prompt = prompt_ids(eval_set(TASK_KINDS, 1, seed=1234)[0])
     costs = pass_costs(TwoTower(config), params, prompt, prompt_width=24, repeats=5 if FLAGS.quick else 20)
