@@ -1,5 +1,8 @@
 """The Pallas SSD kernel (interpret mode on CPU) against the sequential reference: outputs, final states,
-gradients, bf16 inputs, the real layer's head sizes, impl selection, a whole tower, and its GPU lowering."""
+gradients, bf16 inputs, the real layer's head sizes, impl selection, a whole tower, and its GPU lowering.
+Nothing here runs on a GPU; experiments/gpu_check.py does."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,8 @@ import pytest
 from test_ssd import assert_close, numpy_recurrence, random_inputs
 from twotower_jax.config import tiny
 from twotower_jax.ops.ssd import SSD_IMPL_NAMES, resolve_scan_impl, ssd_chunked, ssd_scan, ssd_sequential
-from twotower_jax.ops.ssd_pallas import _triton_compiler_params, kernel_chunk, ssd_pallas
+from twotower_jax.ops.ssd_pallas import (TRITON_DEPRECATION, _triton_compiler_params, abstract_gpu, kernel_chunk,
+                                         ssd_pallas)
 from twotower_jax.tower import Impl, NemotronH
 
 pallas = jax.jit(ssd_pallas, static_argnames=("chunk_size", "interpret"))
@@ -104,10 +108,15 @@ def test_kernel_chunk_rounding():
 
 def test_impl_selection():
     assert jax.default_backend() == "cpu"
-    assert resolve_scan_impl("auto") == "chunked"
+    # "auto" is the XLA chunked scan on every backend until a kernel has passed on a real GPU.
+    for backend in (None, "cpu", "gpu", "tpu"):
+        assert resolve_scan_impl("auto", backend) == "chunked"
+    assert resolve_scan_impl("pallas", "gpu") == "pallas" and resolve_scan_impl("pallas_mosaic") == "pallas_mosaic"
     assert Impl().scan == "auto"
-    assert {resolve_scan_impl(v) for v in SSD_IMPL_NAMES.values()} <= {"sequential", "chunked", "pallas"}
+    assert {resolve_scan_impl(v) for v in SSD_IMPL_NAMES.values()} == {"sequential", "chunked", "pallas",
+                                                                       "pallas_mosaic"}
     assert SSD_IMPL_NAMES["reference"] == "sequential" and SSD_IMPL_NAMES["xla"] == "chunked"
+    assert SSD_IMPL_NAMES["mosaic"] == "pallas_mosaic"
     inputs = tuple(map(jnp.asarray, random_inputs(9, length=11)))
 
     def jaxpr(fn):
@@ -140,15 +149,20 @@ def test_tiny_tower_prefill_pallas_equals_chunked():
 def test_gpu_path_lowers_to_triton(dtype, length, dims):
     # Lowered for CUDA from this CPU host: the kernel must pass Pallas' Triton lowering (power-of-two
     # loads, ≥16 dots) and go through Triton with our compiler params, not Mosaic GPU. (Triton's own
-    # compilation to PTX happens only on a GPU.)
+    # compilation to PTX happens only on a GPU.) jax 0.12 needs a target GPU to lower without one
+    # (`abstract_gpu`), and warns that Pallas' Triton backend is deprecated: the only warning allowed.
     x, dt, A, B, C, h0 = random_inputs(1, batch=1, length=length, **dims)
     args = [jax.ShapeDtypeStruct(a.shape, dtype) for a in (x, dt, A, B, C)]
     args[1:3] = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (dt, A)]
     args.append(jax.ShapeDtypeStruct(h0.shape, jnp.float32))
     fn = jax.jit(lambda *a: ssd_pallas(*a, chunk_size=128, interpret=False))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with warnings.catch_warnings(record=True) as caught, abstract_gpu():
+        warnings.simplefilter("always")
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text and "mosaic" not in text.lower()
     assert "num_warps = 4" in text
+    others = [str(w.message) for w in caught if not str(w.message).startswith(TRITON_DEPRECATION)]
+    assert not others, others
 
 
 def test_triton_compiler_params_import():

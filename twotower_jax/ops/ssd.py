@@ -12,10 +12,11 @@ bf16 states overflow over long contexts (SPEC §2, §8).
 `ssd_chunked` is the chunked SSD algorithm (quadratic inside a chunk, recurrent across chunks); it is
 exact for any length (the tail is padded with dt = 0, which leaves the state untouched) and any initial
 state (carried into every chunk with its decay).
-`ssd_pallas` (in `ssd_pallas.py`) is the same chunked algorithm as one Pallas kernel (Triton on GPU).
+`ssd_pallas` (in `ssd_pallas.py`) is the same chunked algorithm as one Pallas kernel (Triton on GPU);
+`ssd_mosaic` (in `ssd_mosaic.py`) is the same again for Mosaic GPU (Hopper tensor cores, bf16 operands).
 
-`ssd_scan` picks one by name: "sequential", "chunked", "pallas", or "auto" (pallas on a GPU backend,
-chunked elsewhere; resolved at trace time).
+`ssd_scan` picks one by name: "sequential", "chunked", "pallas", "pallas_mosaic", or "auto" (resolved at
+trace time; "chunked" everywhere until a Pallas kernel has passed on a real GPU, see `resolve_scan_impl`).
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-ScanImpl = Literal["auto", "chunked", "pallas", "sequential"]
-SCAN_IMPLS: tuple[str, ...] = ("auto", "chunked", "pallas", "sequential")
+ScanImpl = Literal["auto", "chunked", "pallas", "pallas_mosaic", "sequential"]
+SCAN_IMPLS: tuple[str, ...] = ("auto", "chunked", "pallas", "pallas_mosaic", "sequential")
 # The CLI's --ssd-impl names → ScanImpl.
-SSD_IMPL_NAMES: dict[str, str] = {"reference": "sequential", "xla": "chunked", "pallas": "pallas", "auto": "auto"}
+SSD_IMPL_NAMES: dict[str, str] = {"reference": "sequential", "xla": "chunked", "pallas": "pallas",
+                                  "mosaic": "pallas_mosaic", "auto": "auto"}
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -143,12 +145,18 @@ def ssd_chunked(
     return y, final_state
 
 
-def resolve_scan_impl(impl: str) -> str:
-    """"auto" → "pallas" when the default backend is a GPU, else "chunked"; other names are checked."""
+def resolve_scan_impl(impl: str, backend: str | None = None) -> str:
+    """Checks the name; "auto" → "chunked" on every backend (`backend`: default backend when None).
+
+    "auto" picks the XLA chunked scan on GPUs too, on purpose: neither Pallas kernel ("pallas": Triton,
+    "pallas_mosaic": Mosaic GPU) has yet run on a real GPU; both are checked on CPU only (interpret mode
+    and lowering for CUDA). Flip "auto" to a kernel for backend "gpu" once `experiments/gpu_check.py` has
+    shown it equal to the reference and faster than "chunked" on that GPU, with the JSON it writes
+    committed under experiments/results/ as the evidence. The kernels stay selectable by name."""
     if impl not in SCAN_IMPLS:
         raise ValueError(f"unknown scan impl {impl!r}; expected one of {', '.join(map(repr, SCAN_IMPLS))}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "chunked"
+        return "chunked"  # on every backend, `backend` included, until the GPU evidence exists
     return impl
 
 
@@ -160,4 +168,7 @@ def ssd_scan(x, dt, A, B, C, initial_state, *, impl: ScanImpl = "auto", chunk_si
     if impl == "pallas":
         from twotower_jax.ops.ssd_pallas import ssd_pallas  # imports this module: import on use
         return ssd_pallas(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
+    if impl == "pallas_mosaic":
+        from twotower_jax.ops.ssd_mosaic import ssd_mosaic
+        return ssd_mosaic(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
     return ssd_sequential(x, dt, A, B, C, initial_state)

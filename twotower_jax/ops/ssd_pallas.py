@@ -26,10 +26,22 @@ The padding is applied in interpret mode too, so CPU tests run the very shapes t
 
 Backward: `jax.custom_vjp`; the backward pass is XLA, the VJP of `ssd_chunked` recomputed from the saved
 inputs (no Pallas backward kernel yet).
+
+What has run where: nothing here has run on a GPU yet. On CPU the kernel runs in Pallas' interpret mode
+(tests/test_ssd_pallas.py, against the sequential reference) and is lowered for CUDA through Pallas'
+Triton lowering (jax 0.10.2 and 0.12; `abstract_gpu` supplies the GPU that jax 0.12 needs to lower
+without one). Triton's compilation to PTX and the run happen only on a GPU: `experiments/gpu_check.py`.
+
+Triton vs Mosaic GPU: jax 0.12 deprecates Pallas' Triton backend in favour of Mosaic GPU and warns
+(a DeprecationWarning, raised while lowering, so Python shows it only under pytest or `-W`). This kernel
+passes Triton compiler params explicitly, so it stays on Triton while jax has the backend (SPEC §9). The
+Mosaic GPU (Hopper) version of the same scan is `ssd_mosaic.ssd_mosaic`, scan impl "pallas_mosaic".
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +64,28 @@ def _triton_compiler_params(num_warps: int, num_stages: int):
     except (ImportError, AttributeError):
         from jax.experimental.pallas import gpu as pl_gpu
         return pl_gpu.TritonCompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"  # the start of jax 0.12's warning
+
+
+def abstract_gpu(device_kind: str = "NVIDIA H100", num_cores: int = 132):
+    """Context manager that makes `.lower(lowering_platforms=("cuda",))` work on a host without a GPU.
+
+    jax 0.12's Triton lowering asks for the target GPU ("No supported GPU devices found, please specify an
+    abstract GPU device using AbstractDevice"); this names one through an abstract mesh of one device.
+    jax 0.10.2 falls back to compute capability 9.0 by itself and accepts the same context. A jax without
+    `AbstractDevice` gets a null context. Not needed (and not used) on a machine with a GPU.
+    """
+    device_cls = getattr(jax.sharding, "AbstractDevice", None)
+    mesh_cls = getattr(jax.sharding, "AbstractMesh", None)
+    use = getattr(jax.sharding, "use_abstract_mesh", None)
+    if device_cls is None or mesh_cls is None or use is None or \
+            "abstract_device" not in inspect.signature(mesh_cls).parameters:
+        return contextlib.nullcontext()
+    device = device_cls(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+    mesh = mesh_cls((1,), ("gpu",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+    return use(mesh)
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
