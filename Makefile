@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=2
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-latest gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,26 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
+
+# The suite on the newest jax/flax/orbax from PyPI (they need Python >= 3.12), in .venv-latest/. torch and
+# transformers are left out: the tests that use them as the oracle skip, and -rs prints why.
+LATEST_VENV ?= .venv-latest
+PY312 ?= $(shell command -v python3.12 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
+
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PY312) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade jax flax orbax-checkpoint
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[test-base]'
+	$(LATEST_VENV)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
+	$(LATEST_VENV)/bin/python -m pytest -q -rs --durations=15 tests
+
+# On a machine with a GPU and jax[cuda] installed (under 8 minutes on an H100; no network needed):
+# writes experiments/results/gpu_check_<device>.{json,md}. GPU_PY: that machine's python.
+GPU_PY ?= python3
+
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) experiments/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,9 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
-from hf_oracle import hf_logits
+
+pytest.importorskip("torch", reason="HF oracle (torch, transformers) not installed")
+pytest.importorskip("transformers", reason="HF oracle (torch, transformers) not installed")
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from hf_oracle import hf_logits  # noqa: E402
 
 from twotower_jax import generate
 from twotower_jax.checkpoint.hf import (CheckpointError, hf_tensors_from_params, load_hf_tower, save_hf_tower,

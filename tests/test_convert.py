@@ -150,7 +150,7 @@ def test_existing_output_refused_unless_overwrite(tmp_path, capsys):
 
 
 def test_torch_state_dict_input(tmp_path, two_tower_params):
-    import torch
+    torch = pytest.importorskip("torch", reason="HF oracle (torch, transformers) not installed")
     tensors = hf_tensors_from_params(two_tower_rules(CONFIG), two_tower_params)
     state = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
     (tmp_path / "hf").mkdir()

@@ -5,8 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from hf_oracle import hf_greedy, hf_logits
+
+pytest.importorskip("torch", reason="HF oracle (torch, transformers) not installed")
+pytest.importorskip("transformers", reason="HF oracle (torch, transformers) not installed")
+import torch  # noqa: E402
+from hf_oracle import hf_greedy, hf_logits  # noqa: E402
 
 from twotower_jax.sampling.ar import generate_ar
 from twotower_jax.tower import Impl, NemotronH
