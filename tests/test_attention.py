@@ -65,7 +65,7 @@ def test_blockwise_attention_matches_numpy_softmax_for_every_rule(rule):
         expected = numpy_attention(q[row].astype(np.float64), k[row].astype(np.float64), v[row].astype(np.float64),
                                    visible)
         seen = visible.any(-1)
-        assert seen.any() and (rule == "all" or not seen.all() or rule == "causal")
+        assert seen.any()
         np.testing.assert_allclose(ours[row][seen], expected[seen], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(ours[row][~seen], 0.0)   # a query with no visible key: 0, not NaN
 

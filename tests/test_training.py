@@ -94,9 +94,9 @@ def test_identity_adaln_denoiser_starts_as_the_ar_tower(two_tower):
     prompt = jax.random.randint(jax.random.key(5), (2, 9), 4, model.config.vocab_size)
     token = jax.random.randint(jax.random.key(6), (2,), 4, model.config.vocab_size)
     _, cache = model.context.prefill(params["context"], prompt, capacity=10)
-    ar_logits, _ = model.context.decode_step(params["context"], token, cache)
     # Equal towers + identity adaLN: on a one-token block the denoiser is the AR step, whatever t is.
     den = model.denoise(start, token[:, None], cache, jnp.array([0.3, 0.9]))
+    ar_logits, _ = model.context.decode_step(params["context"], token, cache)   # donates the cache: last
     np.testing.assert_allclose(den[:, 0], ar_logits, rtol=1e-5, atol=1e-5)
 
 

@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-device memory for the up-front plan check, e.g. 80GiB (default: what the runtime "
                         "reports; none on CPU)")
     p.add_argument("--ssd-impl", choices=sorted(SSD_IMPL_NAMES), default=None,
-                   help="Mamba scan: reference (sequential), xla (chunked), pallas, auto (pallas on GPU, xla "
-                        "elsewhere; the default)")
+                   help="Mamba scan: reference (sequential), xla (chunked), pallas (Triton kernel), mosaic (Mosaic "
+                        "GPU kernel, Hopper), auto (the default: xla everywhere until a kernel passes on a GPU)")
     p.add_argument("--moe-impl", choices=sorted(MOE_IMPLS), default="auto",
                    help="MoE dispatch: simple (dense reference), ragged, gather; auto: gather for decode-sized calls, "
                         "else simple on CPU and ragged elsewhere (sharded: always the expert-parallel dispatch)")

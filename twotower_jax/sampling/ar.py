@@ -149,13 +149,13 @@ def _mock_ar_pieces(model: TwoTower, rules: _Rules, context_mesh, denoiser_mesh)
     nothing): context prefix and one-token extend (context group), first pick and one step of denoise + pick
     (denoiser group). Each runs where its committed inputs are; its outputs are pinned to the group's batch
     layout (rows over `data`), the layout the next piece was compiled for."""
-    def pinned(fn, mesh):
-        return jax.jit(lambda *args: constrain_batch(fn(*args), mesh, args[1].shape[0]))
+    def pinned(fn, mesh, **jit_kw):
+        return jax.jit(lambda *args: constrain_batch(fn(*args), mesh, args[1].shape[0]), **jit_kw)
 
     prefix = pinned(lambda p, t, v: _context_prefix({"context": p}, t, v, model=model,
                                                    max_new_tokens=rules.max_new_tokens), context_mesh)
     extend = pinned(lambda p, token, cache: model.context.extend(p, token[:, None], cache, logits_at="none")[1],
-                    context_mesh)
+                    context_mesh, donate_argnums=2)   # the old cache's buffers hold the new one
 
     def denoise_last(p, token, cache):
         return model.denoise(p, token[:, None], cache)[:, 0]

@@ -209,7 +209,8 @@ def _towers_pieces(model: TwoTower, max_new_tokens: int, dp: DiffusionParams, eo
         p, tokens, valid, capacity=tokens.shape[1] + max_new_tokens, logits_at="none")[1], context_mesh,
         tokens.shape[0]))
     extend = jax.jit(lambda p, cache, canvas, done: constrain_batch(
-        _extend_context(model, p, cache, canvas, done), context_mesh, canvas.shape[0]))
+        _extend_context(model, p, cache, canvas, done), context_mesh, canvas.shape[0]),
+        donate_argnums=1)   # the old cache's buffers hold the new one
 
     def block(width, p, cache, seeds, state, block_index, threshold):
         state, canvas = _run_block(model, p, cache, row_keys(seeds), state, block_index, width, dp, eos_token_id,
