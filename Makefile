@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m twotower_jax.demo
 
+# The suite runs as four pytest processes, each file in exactly one: in one process for the whole suite,
+# XLA:CPU crashed (segfault / abort inside a compile in test_two_tower.py, seen three times this stop on jax
+# 0.10.2 and 0.12, never with the file run alone). Root cause not found yet; see the README.
+TEST_GROUPS := 'tests/test_[a-g]*.py' 'tests/test_[h-o]*.py' 'tests/test_[p-s]*.py' 'tests/test_[t-z]*.py'
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	set -e; for group in $(TEST_GROUPS); do $(PY) -m pytest -q --durations=8 $$group; done
 
 # The suite on the newest jax/flax/orbax from PyPI (they need Python >= 3.12), in .venv-latest/. torch and
 # transformers are left out: the tests that use them as the oracle skip, and -rs prints why.
@@ -33,7 +38,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade jax flax orbax-checkpoint
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[test-base]'
 	$(LATEST_VENV)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
-	$(LATEST_VENV)/bin/python -m pytest -q -rs --durations=15 tests
+	set -e; for group in $(TEST_GROUPS); do $(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 $$group; done
 
 # On a machine with a GPU and jax[cuda] installed (under 8 minutes on an H100; no network needed):
 # writes experiments/results/gpu_check_<device>.{json,md}. GPU_PY: that machine's python.
