@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from twotower_jax.config import tiny
-from twotower_jax.layers.attention import KeySegment, blockwise_attention
+from twotower_jax.layers.attention import KeySegment, blockwise_attention, fused_attention, fused_kernel_name
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.tower import Impl, NemotronH
@@ -21,6 +21,9 @@ SMALL_TILES = dict(attention_q_chunk=3, attention_k_chunk=4)
 CONFIG = tiny(pattern="M*E*M", chunk_size=4)
 DENSE = TwoTower(CONFIG, impl=Impl(attention="dense", moe="dense"))
 BLOCKWISE = TwoTower(CONFIG, impl=Impl(attention="blockwise", moe="dense", **SMALL_TILES))
+# "fused": jax.nn.dot_product_attention (cuDNN on GPU; XLA's kernel here) for a tower's own causal
+# cache, blockwise for the denoiser's two segments.
+FUSED = TwoTower(CONFIG, impl=Impl(attention="fused", moe="dense", **SMALL_TILES))
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -46,8 +49,9 @@ def numpy_attention(q, k, v, visible):
     return out
 
 
+@pytest.mark.parametrize("kernel", ["blockwise", "fused"])
 @pytest.mark.parametrize("rule", ["all", "causal", "earlier_blocks", "same_block"])
-def test_blockwise_attention_matches_numpy_softmax_for_every_rule(rule):
+def test_attention_kernels_match_numpy_softmax_for_every_rule(rule, kernel):
     rng = np.random.default_rng(0)
     b, lq, s, h, g, d, block = 2, 11, 13, 4, 2, 8, 3
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in
@@ -55,7 +59,10 @@ def test_blockwise_attention_matches_numpy_softmax_for_every_rule(rule):
     key_valid = rng.random((b, s)) > 0.2
     length, q_start = 12, 2          # slot 12 is past the filled length; queries sit at 2..12
     seg = KeySegment(jnp.asarray(k), jnp.asarray(v), rule, jnp.asarray(key_valid), jnp.int32(length), block)
-    ours = np.asarray(blockwise_attention(jnp.asarray(q), jnp.int32(q_start), [seg], q_chunk=4, k_chunk=5))
+    if kernel == "blockwise":
+        ours = np.asarray(blockwise_attention(jnp.asarray(q), jnp.int32(q_start), [seg], q_chunk=4, k_chunk=5))
+    else:
+        ours = np.asarray(fused_attention(jnp.asarray(q), jnp.int32(q_start), seg))
     q_pos, k_pos = q_start + np.arange(lq)[:, None], np.arange(s)[None]
     rule_mask = {"all": np.ones((lq, s), bool), "causal": k_pos <= q_pos,
                  "earlier_blocks": k_pos // block < q_pos // block,
@@ -94,8 +101,9 @@ def _left_padded(rng, lengths, width, vocab):
     return jnp.asarray(tokens), jnp.asarray(valid)
 
 
-def test_tower_entry_points_blockwise_equal_dense_with_padding(params):
-    dense, blockwise = DENSE.context, BLOCKWISE.context
+@pytest.mark.parametrize("fast", [BLOCKWISE, FUSED], ids=["blockwise", "fused"])
+def test_tower_entry_points_equal_dense_with_padding(params, fast):
+    dense, blockwise = DENSE.context, fast.context
     p = params["context"]
     tokens, valid = _left_padded(np.random.default_rng(2), [13, 6], 13, CONFIG.vocab_size)
     (ld, cd), (lb, cb) = (m.prefill(p, tokens, valid, capacity=24) for m in (dense, blockwise))
@@ -119,7 +127,14 @@ def test_tower_entry_points_blockwise_equal_dense_with_padding(params):
     # the denoiser against that padded context cache (two segments: context slots + the block itself)
     block = jnp.asarray([[3, 3, 40, 3, 41], [3, 50, 3, 3, 3]])
     t = jnp.asarray([0.6, 0.8])
-    np.testing.assert_allclose(BLOCKWISE.denoise(params, block, cb, t), DENSE.denoise(params, block, cd, t), **TOL)
+    np.testing.assert_allclose(fast.denoise(params, block, cb, t), DENSE.denoise(params, block, cd, t), **TOL)
+
+
+def test_fused_kernel_choice():
+    """cuDNN only on a GPU backend and for 16-bit operands (it has no float32 kernel)."""
+    expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    assert fused_kernel_name(jnp.bfloat16) == expected
+    assert fused_kernel_name(jnp.float32) == "xla"
 
 
 def test_training_objective_blockwise_equals_dense(params):
@@ -138,13 +153,14 @@ def test_training_objective_blockwise_equals_dense(params):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_samplers_generate_the_same_tokens_with_either_attention(params):
+def test_samplers_generate_the_same_tokens_with_every_attention(params):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    models = (DENSE, BLOCKWISE, FUSED)
     for generate in (generate_ar, generate_mock_ar):
-        runs = [generate(m, params, prompts, 6) for m in (DENSE, BLOCKWISE)]
-        assert runs[0].tokens == runs[1].tokens
-    runs = [generate_mask_diffusion(m, params, prompts, 8, block_size=4, steps_per_block=2) for m in (DENSE, BLOCKWISE)]
-    assert runs[0].tokens == runs[1].tokens
+        runs = [generate(m, params, prompts, 6).tokens for m in models]
+        assert runs[1:] == runs[:1] * 2
+    runs = [generate_mask_diffusion(m, params, prompts, 8, block_size=4, steps_per_block=2).tokens for m in models]
+    assert runs[1:] == runs[:1] * 2
 
 
 def test_logits_at_last_and_none_and_chunked_prefill(params):

@@ -26,7 +26,7 @@ from twotower_jax.cache import (BlockwiseContext, BlockwiseTowerContext, CausalC
 from twotower_jax.config import ATTENTION, MAMBA, MLP, MOE, NemotronHConfig
 from twotower_jax.layers.adaln import TimestepEmbedder, modulate
 from twotower_jax.layers.attention import Attention, AttentionImpl
-from twotower_jax.layers.mamba2 import Mamba2Mixer
+from twotower_jax.layers.mamba2 import Mamba2Mixer, mamba_cache_at
 from twotower_jax.layers.moe import MoE, MoEImpl, ReluSquaredMLP
 from twotower_jax.layers.norms import RMSNorm
 from twotower_jax.ops.ssd import ScanImpl
@@ -43,7 +43,7 @@ class Impl:
     """Implementation choices that do not change the math (resolved at trace time)."""
     scan: ScanImpl = "auto"
     moe: MoEImpl = "auto"
-    attention: AttentionImpl = "blockwise"   # "dense": the reference (concatenated keys, one dense mask)
+    attention: AttentionImpl = "blockwise"   # "dense": the reference; "fused": cuDNN/XLA kernel where it fits
     attention_q_chunk: int = 512             # queries per online-softmax tile
     attention_k_chunk: int = 1024            # keys per online-softmax tile
 
@@ -73,7 +73,7 @@ class Block(nn.Module):
     adaln: bool = False
 
     @nn.compact
-    def __call__(self, h, context: Optional[LayerContext], valid, t_cond=None):
+    def __call__(self, h, context: Optional[LayerContext], valid, t_cond=None, return_scan_inputs: bool = False):
         cfg = self.config
         norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm")
         gate = None
@@ -96,6 +96,10 @@ class Block(nn.Module):
             mixer = Mamba2Mixer(cfg, scan_impl=self.impl.scan, **kw)
             if isinstance(context, BlockwiseContext):
                 out = _per_block(mixer, x, context.cache, valid, context.block_size)
+            elif return_scan_inputs:  # a CausalContext extension whose prefixes `truncate_extension` rebuilds
+                out, new_cache, extension = mixer(x, context.cache, valid, return_scan_inputs=True)
+                out = out.astype(h.dtype)
+                return h + (out if gate is None else gate * out), new_cache, extension
             else:
                 out, state = mixer(x, context.cache, valid)
                 new_cache = state if isinstance(context, CausalContext) else None
@@ -109,7 +113,8 @@ class Block(nn.Module):
         else:
             raise ValueError(f"unknown layer type {self.layer_type!r}")
         out = out.astype(h.dtype)
-        return h + (out if gate is None else gate * out), new_cache
+        h = h + (out if gate is None else gate * out)
+        return (h, new_cache, None) if return_scan_inputs else (h, new_cache)
 
 
 def _per_block(mixer: Mamba2Mixer, x, seeds: MambaCache, valid, block_size: int):
@@ -197,18 +202,34 @@ class NemotronHTower(nn.Module):
     def embed(self, tokens: Int[Array, "b l"]) -> Float[Array, "b l d"]:
         return self.embeddings(tokens)
 
-    def layers_over(self, h: Float[Array, "b l d"], cache: TowerCache, valid=None):
-        """Every layer over embedded tokens, extending the cache; returns (final-normed hidden, cache)."""
+    def layers_over(self, h: Float[Array, "b l d"], cache: TowerCache, valid=None, return_scan_inputs: bool = False):
+        """Every layer over embedded tokens, extending the cache; returns (final-normed hidden, cache), and
+        with `return_scan_inputs` also one `MambaExtension` per layer (None for non-Mamba layers)."""
         if valid is None:
             valid = jnp.ones(h.shape[:2], bool)
         start = cache.length
         key_valid = jax.lax.dynamic_update_slice(cache.key_valid, valid, (0, start))
-        new_layers = []
+        new_layers, extensions = [], []
         for block, layer_cache in zip(self.layers, cache.layers):
-            h, layer_cache = block(h, CausalContext(layer_cache, start, key_valid), valid)
+            if return_scan_inputs:
+                h, layer_cache, extension = block(h, CausalContext(layer_cache, start, key_valid), valid,
+                                                  return_scan_inputs=True)
+                extensions.append(extension)
+            else:
+                h, layer_cache = block(h, CausalContext(layer_cache, start, key_valid), valid)
             new_layers.append(layer_cache)
         new_cache = TowerCache(layers=tuple(new_layers), key_valid=key_valid, length=start + h.shape[1])
+        if return_scan_inputs:
+            return self.norm_f(h), new_cache, tuple(extensions)
         return self.norm_f(h), new_cache
+
+    def extend_truncatable(self, tokens: Int[Array, "b l"], cache: TowerCache, valid: Optional[Bool[Array, "b l"]] = None):
+        """`__call__` with logits at every position, also returning the layers' `MambaExtension`s, from which
+        `truncate_extension` builds the cache after any per-row prefix of the chunk. Returns (logits,
+        cache, extensions)."""
+        overflow = cache.length + tokens.shape[1] > cache.capacity
+        hidden, cache, extensions = self.layers_over(self.embed(tokens), cache, valid, return_scan_inputs=True)
+        return jnp.where(overflow, jnp.nan, self.logits(hidden)), cache, extensions
 
 
 LOGITS_AT = ("all", "last", "none")
@@ -321,6 +342,15 @@ class NemotronH:
             scanned = jnp.concatenate([module.apply(variables, pieces[0], method=NemotronHTower.logits), scanned], 1)
         return scanned, cache
 
+    def extend_truncatable(self, params: Params, tokens: Int[Array, "b l"], cache: TowerCache,
+                           valid: Optional[Bool[Array, "b l"]] = None):
+        """`extend` with logits at every position, also returning what `truncate_extension` needs to cut the
+        extension back to any prefix per row (no second pass). Not jitted on its own (call it inside a
+        program); the cache passed in is not donated."""
+        _check_tokens(tokens, cache, valid)
+        return self.module.apply({"params": params}, tokens, cache, valid,
+                                 method=NemotronHTower.extend_truncatable)
+
     @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
     def decode_step(self, params: Params, token: Int[Array, "b"], cache: TowerCache
                     ) -> tuple[Float[Array, "b v"], TowerCache]:
@@ -328,6 +358,29 @@ class NemotronH:
         _check_tokens(token[:, None], cache, None)
         logits, cache = self.module.apply({"params": params}, token[:, None], cache, None, "last")
         return logits[:, 0], cache
+
+
+def truncate_extension(extended: TowerCache, extensions: tuple, start, keep) -> TowerCache:
+    """The cache after extending by only the first `keep` (b,) positions of each row of a chunk that
+    `extend_truncatable` ran from length `start`: Mamba layers' conv and SSM states rebuilt at `keep` from
+    their `MambaExtension`s (`mamba_cache_at`), K/V slots start + keep … of each row marked invalid (the
+    K/V written there stay; attention masks them), length = start + max(keep). Equals extending by
+    each row's prefix alone (the shorter rows' unused slots are holes, as left padding is)."""
+    keep = jnp.asarray(keep, jnp.int32)
+    width = extensions_width(extensions, extended, start)
+    slot = jnp.arange(extended.capacity)[None, :]
+    cut = (slot >= start + keep[:, None]) & (slot < start + width)
+    layers = tuple(mamba_cache_at(ext, keep) if ext is not None else layer
+                   for layer, ext in zip(extended.layers, extensions))
+    return TowerCache(layers=layers, key_valid=extended.key_valid & ~cut, length=start + jnp.max(keep))
+
+
+def extensions_width(extensions: tuple, extended: TowerCache, start):
+    """The chunk length of an extension (from its Mamba layers, or the cache's length if it has none)."""
+    for ext in extensions:
+        if ext is not None:
+            return ext.xbc.shape[1]
+    return extended.length - start
 
 
 def random_like(shapes, seed: int = 0, scale: float = 0.5):

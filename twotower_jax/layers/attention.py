@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 from twotower_jax.cache import AttentionCache, BlockwiseContext, CausalContext, CrossContext, LayerContext
 from twotower_jax.config import NemotronHConfig
 
-AttentionImpl = Literal["blockwise", "dense"]
+AttentionImpl = Literal["blockwise", "dense", "fused"]
 Rule = Literal["all", "causal", "earlier_blocks", "same_block"]
 _NEG = jnp.finfo(jnp.float32).min
 
@@ -220,14 +220,48 @@ def blockwise_cross_mask(length: int, block_size: int) -> Bool[Array, "l 2l"]:
     return jnp.concatenate([sees_context, sees_own], axis=1)
 
 
+# --- the platform's fused kernel -------------------------------------------------------------------
+
+def fused_kernel_name(dtype) -> str:
+    """The `jax.nn.dot_product_attention` implementation for this backend and dtype: cuDNN's flash
+    attention on GPU for 16-bit operands (cuDNN has no float32 kernel), XLA's otherwise."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
+def fused_attention(q: Float[Array, "b l hq d"], q_start, segment: KeySegment,
+                    implementation: Optional[str] = None) -> Float[Array, "b l hq d"]:
+    """One key segment through `jax.nn.dot_product_attention` (cuDNN on GPU), its visibility as a
+    boolean (b, 1, l, s) mask: O(l·s) booleans, so with chunked prefill (l <= prefill_chunk) it grows
+    linearly with the cache. Queries that see no key get 0, as in `blockwise_attention`."""
+    b, length = q.shape[:2]
+    s = segment.k.shape[1]
+    q_pos = q_start + jnp.arange(length)
+    k_pos = jnp.arange(s)
+    filled = s if segment.length is None else segment.length
+    ok = _visible(segment.rule, q_pos, k_pos, segment.block_size) & (k_pos < filled)[None, :]
+    ok = jnp.broadcast_to(ok[None], (b, length, s))
+    if segment.key_valid is not None:
+        ok = ok & segment.key_valid[:, None, :]
+    implementation = implementation or fused_kernel_name(q.dtype)
+    out = jax.nn.dot_product_attention(q, segment.k, segment.v, mask=ok[:, None],
+                                       implementation=implementation)
+    return jnp.where(ok.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+
+
 def attend(q, q_start, segments: Sequence[KeySegment], impl: AttentionImpl = "blockwise", *,
            q_chunk: int = 512, k_chunk: int = 1024):
-    """The one entry point the layer uses: blockwise (default) or the dense reference."""
+    """The one entry point the layer uses: blockwise (default), the dense reference, or "fused": the
+    platform's kernel where it fits (one key segment: a tower's causal cache in prefill, extend and
+    decode) and blockwise elsewhere (the denoiser's two segments would need a concatenated copy)."""
     if impl == "dense":
         return dense_attention(q, q_start, segments)
-    if impl == "blockwise":
+    if impl == "fused" and len(segments) == 1:
+        return fused_attention(q, q_start, segments[0])
+    if impl in ("blockwise", "fused"):
         return blockwise_attention(q, q_start, segments, q_chunk=q_chunk, k_chunk=k_chunk)
-    raise ValueError(f"unknown attention impl {impl!r}; expected 'blockwise' or 'dense'")
+    raise ValueError(f"unknown attention impl {impl!r}; expected 'blockwise', 'dense' or 'fused'")
 
 
 # --- the layer ------------------------------------------------------------------------------------
