@@ -10,7 +10,8 @@ recorded, the next section runs), and the whole run keeps to --budget-s:
                max relative error vs dense and ms;
   tower        one tower of a ~1B shrunk Nemotron-3-Nano (the real widths and vocabulary, 6 layers, 16
                experts; random bf16 params): prefill with each scan impl (logits vs chunked, tokens/s)
-               and decode tokens/s at batch 1 and 8;
+               and with the fused attention route (cuDNN via jax.nn.dot_product_attention), decode
+               tokens/s at batch 1 and 8 with blockwise and fused attention;
   samplers     generate_ar, generate_mock_ar and generate_mask_diffusion on a TwoTower of that config:
                tokens/s of a warm run (compile excluded), tokens per denoiser pass;
   memory_plan  the AOT memory plan of the real config on this GPU (`twotower_jax.plan.memory_plan` where
@@ -216,9 +217,9 @@ def section_moe(sizes: Sizes, clock: Clock, smoke: bool):
     return rows
 
 
-def _tower(config, scan: str = "auto"):
+def _tower(config, scan: str = "auto", attention: str = "blockwise"):
     from twotower_jax.tower import Impl, NemotronH
-    return NemotronH(config, jnp.bfloat16, jnp.bfloat16, Impl(scan=scan))
+    return NemotronH(config, jnp.bfloat16, jnp.bfloat16, Impl(scan=scan, attention=attention))
 
 
 def section_tower(sizes: Sizes, clock: Clock, smoke: bool, meta: dict):
@@ -238,12 +239,15 @@ def section_tower(sizes: Sizes, clock: Clock, smoke: bool, meta: dict):
     batch, length = sizes.prefill
     tokens = jnp.asarray(rng.integers(4, config.vocab_size, (batch, length)), jnp.int32)
     reference = None
-    for scan in ("chunked", "pallas", "pallas_mosaic"):
-        row = {"phase": "prefill", "scan": scan, "batch": batch, "length": length}
+    # (scan, attention): the three scans with blockwise attention, then the fused attention route
+    # (jax.nn.dot_product_attention: cuDNN for bf16 on GPU) with the chunked scan.
+    for scan, attention in (("chunked", "blockwise"), ("pallas", "blockwise"), ("pallas_mosaic", "blockwise"),
+                            ("chunked", "fused")):
+        row = {"phase": "prefill", "scan": scan, "attention": attention, "batch": batch, "length": length}
         if clock.expired():
             rows.append({**row, "status": "skipped: time budget"})
             continue
-        model = _tower(config, scan)
+        model = _tower(config, scan, attention)
         try:
             begin = time.perf_counter()
             prefill = jax.jit(lambda p, t, m=model: m.prefill(p, t, logits_at="last")[0])
@@ -254,14 +258,15 @@ def section_tower(sizes: Sizes, clock: Clock, smoke: bool, meta: dict):
         except Exception as e:  # noqa: BLE001
             rows.append({**row, "status": "error", "error": short_error(e)})
             continue
-        if scan == "chunked":
+        if (scan, attention) == ("chunked", "blockwise"):
             reference = logits
         rows.append({**row, "status": "ok", "ms": seconds * 1e3, "tokens_per_s": batch * length / seconds,
                      "compile_s": compile_s,
                      "max_rel_err_vs_chunked": rel_err(logits, reference) if reference is not None else None})
-    model = _tower(config)
-    for batch in sizes.decode_batches:
-        row = {"phase": "decode", "scan": "auto", "batch": batch, "length": sizes.decode_context}
+    for batch, attention in ((b, a) for b in sizes.decode_batches for a in ("blockwise", "fused")):
+        model = _tower(config, attention=attention)
+        row = {"phase": "decode", "scan": "auto", "attention": attention, "batch": batch,
+               "length": sizes.decode_context}
         if clock.expired():
             rows.append({**row, "status": "skipped: time budget"})
             continue
