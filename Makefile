@@ -35,7 +35,9 @@ test: $(STAMP)
 # The suite on the newest jax/flax/orbax from PyPI (they need Python >= 3.12), in .venv-latest/. torch and
 # transformers are left out: the tests that use them as the oracle skip, and -rs prints why.
 LATEST_VENV ?= .venv-latest
-PY312 ?= $(shell command -v python3.12 2>/dev/null || echo /root/.pyenv/versions/3.12.1/bin/python3.12)
+# The first python3.12 that runs (a pyenv shim can exist and still fail when 3.12 is not its global version).
+PY312 ?= $(shell for p in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
+	$$p -c '' 2>/dev/null && { command -v $$p; break; }; done)
 
 test-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PY312) -m venv $(LATEST_VENV)
