@@ -11,6 +11,12 @@ small TwoTower shipped in the package.
 `byte_tokenizer.json` (the demo model: BOS + UTF-8 bytes, `twotower_jax.data.ByteTokenizer`). Prints one JSON object with
 `tokens` (generated ids per row, cut after EOS), `logprobs` and `stats` when `--json` is given.
 
+It is a thin layer over `twotower_jax.engine.Engine`: the prompts become requests 0..n-1, run in
+power-of-two prompt buckets (`--max-new-tokens` exactly, not bucketed). `--streams row` (the default) gives
+row r the seed `--seed` + r, as the samplers' int seed does; `--streams request` gives request r the stream
+fold_in(key(seed), r) that `batch_generate` and the engine use by default. `--stop TEXT` (repeatable) cuts
+every row at the first occurrence of a stop string in its decoded text.
+
 `--placement` puts the model on one device, each tower on its own half of the devices, or both towers
 split over every device (`twotower_jax.sharding`; `--devices N` uses the first N); a checkpoint is
 restored straight onto it. `--ssd-impl` and `--moe-impl` pick implementations of the Mamba scan and the MoE
@@ -36,14 +42,11 @@ from twotower_jax.checkpoint.mapping import keeps_float32
 from twotower_jax.checkpoint.orbax_io import is_orbax_checkpoint, read_manifest, restore_orbax_checkpoint
 from twotower_jax.ops.ssd import SSD_IMPL_NAMES
 from twotower_jax.plan import device_memory_limit, gib, memory_plan, parse_bytes
-from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
-from twotower_jax.sampling.diffusion import generate_mask_diffusion
-from twotower_jax.sampling.speculative import generate_self_speculative
+from twotower_jax.engine import DTYPES, MODES, Engine, GenerationConfig, Request, load_tokenizer, merge_stats, next_pow2
 from twotower_jax.tower import Impl, NemotronH
 from twotower_jax.two_tower import TwoTower
 
-MODES = ("ar", "mock_ar", "diffusion", "self_speculative")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"   # marks checkpoints trained on twotower_jax.data's byte ids
 MOE_IMPLS = {"auto": "auto", "simple": "dense", "ragged": "ragged", "gather": "gather"}  # CLI name -> Impl.moe
 
 
@@ -89,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-impl", choices=sorted(MOE_IMPLS), default="auto",
                    help="MoE dispatch: simple (dense reference), ragged, gather; auto: gather for decode-sized calls, "
                         "else simple on CPU and ragged elsewhere (sharded: always the expert-parallel dispatch)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable; needs the checkpoint's tokenizer): each row is cut before its "
+                        "first occurrence")
+    p.add_argument("--streams", choices=["row", "request"], default="row",
+                   help="random streams: row r uses seed + r (the samplers' int seed; default), or request r uses "
+                        "fold_in(key(seed), r) (the engine's and batch_generate's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -103,44 +112,11 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-BYTE_TOKENIZER_FILE = "byte_tokenizer.json"   # marks checkpoints trained on twotower_jax.data's byte ids
-
-
-class _HFTokenizer:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids)
-
-
-class _BytePrompts:
-    """The demo model's tokenizer: BOS + UTF-8 bytes (twotower_jax.data.ByteTokenizer)."""
-    def __init__(self):
-        from twotower_jax.data import ByteTokenizer
-        self.tokenizer = ByteTokenizer()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, bos=True)
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids)
-
-
 def _load_tokenizer(directory: Path):
-    if (directory / BYTE_TOKENIZER_FILE).is_file():
-        return _BytePrompts()
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"--prompt needs {path}; give --prompt-ids instead")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ValueError("--prompt needs the `tokenizers` package (pip install tokenizers)") from None
-    return _HFTokenizer(Tokenizer.from_file(str(path)))
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is None:
+        raise ValueError(f"--prompt needs {directory / 'tokenizer.json'}; give --prompt-ids instead")
+    return tokenizer
 
 
 def implementation(args: argparse.Namespace) -> Impl:
@@ -209,47 +185,41 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--checkpoint {directory}: no such directory")
     if bool(args.prompt_ids) == bool(args.prompt):
         raise ValueError("give prompts either as --prompt-ids or as --prompt, not both and not neither")
-    tokenizer = _load_tokenizer(directory) if args.prompt else None
+    tokenizer = _load_tokenizer(directory) if (args.prompt or args.stop) else None
     prompts = ([_parse_ids(t) for t in args.prompt_ids] if args.prompt_ids
                else [tokenizer.encode(t) for t in args.prompt])
+    if args.mode == "diffusion" and (args.top_k or args.top_p != 1.0):
+        raise ValueError("--top-k/--top-p are AR sampling options; diffusion samples with --temperature only")
+    config = GenerationConfig(
+        mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, eos_token_id=args.eos_token_id, block_size=args.block_size,
+        steps_per_block=args.steps_per_block, confidence_threshold=args.confidence_threshold,
+        mask_token_id=args.mask_token_id, draft_steps=args.draft_steps, streams=args.streams)
 
     dtype = checkpoint_dtype(directory) if args.dtype == "auto" else DTYPES[args.dtype]
     impl = implementation(args)
     # Fails early, with the fix, when devices are missing.
     mesh = sharding.make_mesh(args.placement, n_devices=args.devices)
     check_fits(directory, stored_kind(directory), dtype, args, mesh, prompts)
-    kind, config, params = load(directory, dtype, args, mesh)
+    kind, model_config, params = load(directory, dtype, args, mesh)
     if kind == TWO_TOWER:
-        model = TwoTower(config, dtype=dtype, param_dtype=dtype, impl=impl)
+        model = TwoTower(model_config, dtype=dtype, param_dtype=dtype, impl=impl)
     elif args.mode != "ar":
         raise ValueError(f"--mode {args.mode} needs a TwoTower checkpoint (context_tower.*, denoiser_tower.*); "
                          f"{directory} is a single Nemotron-H tower, which can only run --mode ar")
     else:
-        model = NemotronH(config, dtype=dtype, param_dtype=dtype, impl=impl)
-    eos = config.eos_token_id if args.eos_token_id is None else args.eos_token_id
-    eos = None if eos == -1 else eos
-    if args.mode == "diffusion":
-        if args.top_k or args.top_p != 1.0:
-            raise ValueError("--top-k/--top-p are AR sampling options; diffusion samples with --temperature only")
-        result = generate_mask_diffusion(
-            model, params, prompts, args.max_new_tokens, block_size=args.block_size,
-            steps_per_block=args.steps_per_block, mask_token_id=args.mask_token_id, temperature=args.temperature,
-            confidence_threshold=args.confidence_threshold, eos_token_id=eos, seed=args.seed,
-            placement=args.placement, mesh=mesh)
-    elif args.mode == "self_speculative":
-        result = generate_self_speculative(
-            model, params, prompts, args.max_new_tokens, block_size=args.block_size, draft_steps=args.draft_steps,
-            confidence_threshold=args.confidence_threshold, mask_token_id=args.mask_token_id,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
-            placement=args.placement, mesh=mesh)
-    else:
-        generate_fn = generate_ar if args.mode == "ar" else generate_mock_ar
-        result = generate_fn(model, params, prompts, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
-                             placement=args.placement, mesh=mesh)
-    out = {"mode": args.mode, **result.to_json_dict()}
+        model = NemotronH(model_config, dtype=dtype, param_dtype=dtype, impl=impl)
+    engine = Engine(model, params, tokenizer=tokenizer, placement=args.placement, mesh=mesh,
+                    batch_size=next_pow2(len(prompts)), bucket_new_tokens=False)
+    requests = [Request(id=i, prompt_ids=p, stop=tuple(args.stop)) for i, p in enumerate(prompts)]
+    done = engine.generate(requests, config)
+    stats = merge_stats(engine.last_batches, len(requests))
+    stats.pop("sum_row_passes", None)
+    out = {"mode": args.mode, "tokens": [c.tokens for c in done], "logprobs": [c.logprobs for c in done],
+           "stats": stats}
     if tokenizer is not None:
-        out["text"] = [tokenizer.decode(row) for row in result.tokens]
+        out["text"] = [c.text for c in done]
+        out["finish_reason"] = [c.finish_reason for c in done]
     return out
 
 

@@ -28,8 +28,13 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def row_keys(seeds: Int[Array, "b"]) -> jax.Array:
-    """One PRNG key per row from its own seed, so a row samples the same alone as in any batch."""
+def row_keys(seeds) -> jax.Array:
+    """One PRNG key per row, so a row samples the same alone as in any batch: from its own seed ((b,) ints,
+    `jax.random.key(seed)`), or from key data ((b, k) uint32, `prompts.request_key_data`: the engine's
+    per-request streams, wrapped as they are)."""
+    seeds = jnp.asarray(seeds)
+    if seeds.ndim == 2:
+        return jax.random.wrap_key_data(seeds.astype(jnp.uint32))
     return jax.vmap(jax.random.key)(seeds)
 
 
