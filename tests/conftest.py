@@ -45,3 +45,24 @@ def hf_tower(tmp_path_factory):
         return built[name]
 
     return get
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"   # jax._src.dispatch, 0.10.2 .. 0.12
+
+
+@pytest.fixture
+def backend_compiles():
+    """A list that records every XLA backend compilation made while the test runs (its durations)."""
+    import jax.monitoring
+
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
