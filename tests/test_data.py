@@ -3,7 +3,6 @@
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -226,18 +225,6 @@ def test_eval_helpers():
     assert prompt_ids(t) == [BOS_ID] + tok.encode(t.prompt)
     assert answer_ids(t) == tok.encode(t.answer) + [EOS_ID]
     assert tok.decode(prompt_ids(t) + answer_ids(t)) == t.prompt + t.answer
-
-
-def test_stream_speed():
-    s = TrainingStream(seq_len=256, batch_size=32, seed=0, task_fraction=0.5)
-    s.batch(0)
-    times = []
-    for step in range(1, 21):
-        t0 = time.perf_counter()
-        s.batch(step)
-        times.append(time.perf_counter() - t0)
-    # Target is < 5 ms on an idle core; the bound is loose because the CPU here is shared.
-    assert np.median(times) < 0.025
 
 
 def test_block_aligned_stream_starts_answers_on_block_boundaries():
