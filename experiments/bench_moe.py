@@ -1,4 +1,4 @@
-"""MoE dispatch benchmark: dense (reference) vs ragged vs gather vs expert_parallel, at decode and prefill
+"""MoE dispatch benchmark: dense (reference) vs ragged vs grouped vs gather (legacy) vs expert_parallel, at decode and prefill
 token counts. Prints a table and writes JSON. Compile time is excluded (AOT-compiled first); each time
 is the median of --repeats runs. On CPU these numbers compare dispatches on this host only.
 
@@ -14,9 +14,9 @@ import numpy as np
 
 from bench_common import compile_and_time, write_results
 from twotower_jax.layers.moe import (EXPERT_AXIS, experts_dense, experts_expert_parallel, experts_gather,
-                                     experts_ragged)
+                                     experts_grouped, experts_ragged)
 
-DISPATCHES = {"dense": experts_dense, "ragged": experts_ragged, "gather": experts_gather,
+DISPATCHES = {"dense": experts_dense, "ragged": experts_ragged, "grouped": experts_grouped, "gather": experts_gather,
               "expert_parallel": experts_expert_parallel}
 
 

@@ -16,7 +16,7 @@ from bench_common import median_seconds, write_results
 from twotower_jax.config import tiny
 from twotower_jax.tower import Impl, NemotronH, count_params
 
-MOE_IMPLS = ("dense", "ragged", "gather")
+MOE_IMPLS = ("dense", "ragged", "grouped", "gather")
 
 
 def bench_config(pattern: str):

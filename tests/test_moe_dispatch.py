@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from twotower_jax.config import tiny
-from twotower_jax.layers.moe import (EXPERT_AXIS, MoE, experts_dense, experts_expert_parallel, experts_gather,
-                                     experts_ragged)
+from twotower_jax.layers.moe import (EXPERT_AXIS, MoE, chosen_experts, experts_dense, experts_expert_parallel,
+                                     experts_gather, experts_grouped, experts_ragged)
 from twotower_jax.tower import Impl, NemotronH
 
 
@@ -25,13 +25,13 @@ def expert_mesh():
     return jax.make_mesh((2,), (EXPERT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 40])  # 1 and 3 tokens leave most of the 8 experts idle
+@pytest.mark.parametrize("tokens", [1, 3, 4, 40])  # 1 and 3 tokens leave most of the 8 experts idle
 def test_dispatches_equal_dense(tokens):
     problem = random_problem(tokens, tokens)
     idle = 8 - len(np.unique(np.asarray(problem[4])))
     assert tokens > 3 or idle > 0
     reference = experts_dense(*problem)
-    for dispatch in (experts_ragged, experts_gather):
+    for dispatch in (experts_ragged, experts_gather, experts_grouped, jax.jit(experts_grouped)):
         np.testing.assert_allclose(dispatch(*problem), reference, rtol=1e-5, atol=1e-5)
     with jax.set_mesh(expert_mesh()):
         sharded = jax.jit(experts_expert_parallel)(*problem)
@@ -44,6 +44,7 @@ def test_moe_module_and_tower_with_sharded_experts():
     params = MoE(cfg).init(jax.random.key(2), x)
     reference = MoE(cfg, impl="dense").apply(params, x)
     np.testing.assert_allclose(MoE(cfg, impl="gather").apply(params, x), reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(MoE(cfg, impl="grouped").apply(params, x), reference, rtol=1e-5, atol=1e-5)
     mesh = expert_mesh()
     with jax.set_mesh(mesh):
         out = jax.jit(MoE(cfg, impl="expert_parallel").apply)(params, x)
@@ -76,9 +77,9 @@ def test_expert_parallel_without_mesh_is_a_clear_error():
 
 
 def test_auto_dispatch_picks_by_call_size_and_backend():
-    from twotower_jax.layers.moe import GATHER_MAX_TOKENS, resolve_moe_impl
-    assert resolve_moe_impl("auto", 1, "cpu") == resolve_moe_impl("auto", GATHER_MAX_TOKENS, "gpu") == "gather"
-    assert resolve_moe_impl("auto", GATHER_MAX_TOKENS + 1, "cpu") == "dense"
+    from twotower_jax.layers.moe import GROUPED_MAX_TOKENS, resolve_moe_impl
+    assert resolve_moe_impl("auto", 1, "cpu") == resolve_moe_impl("auto", GROUPED_MAX_TOKENS, "gpu") == "grouped"
+    assert resolve_moe_impl("auto", GROUPED_MAX_TOKENS + 1, "cpu") == "dense"
     assert resolve_moe_impl("auto", 512, "gpu") == "ragged"
     assert resolve_moe_impl("ragged", 1, "cpu") == "ragged"   # an explicit choice is kept
 
@@ -120,3 +121,21 @@ def test_rows_outside_every_group_cannot_leak_nan(monkeypatch):
         sharded = jax.jit(lambda *a: experts_expert_parallel(*a))(*problem)
     assert np.isfinite(np.asarray(sharded)).all(), f"{np.isnan(np.asarray(sharded)).sum()} NaN of {sharded.size}"
     np.testing.assert_allclose(sharded, experts_dense(*problem), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_reads_each_chosen_expert_once():
+    """The grouped dispatch's slots are the distinct chosen experts (never one per token copy): with fewer
+    token copies than experts, the chosen ones in order and then unused slots; otherwise every expert."""
+    idx = jnp.asarray([[5, 1], [1, 6]], jnp.int32)
+    slots, used = chosen_experts(idx, 8)
+    assert slots.shape == (4,)
+    np.testing.assert_array_equal(np.asarray(slots)[np.asarray(used)], [1, 5, 6])
+    assert not bool(used[3])
+    slots, used = chosen_experts(jnp.zeros((5, 2), jnp.int32), 8)   # 10 copies >= 8 experts: all of them
+    np.testing.assert_array_equal(slots, np.arange(8))
+    assert bool(used.all())
+    # Many tokens on one expert and idle experts: still the dense reference.
+    x, up, down, weights, _ = random_problem(7, 4)
+    idx = jnp.asarray([[2, 3]] * 4, jnp.int32)
+    np.testing.assert_allclose(experts_grouped(x, up, down, weights, idx), experts_dense(x, up, down, weights, idx),
+                               rtol=1e-5, atol=1e-5)

@@ -7,7 +7,12 @@ Experts are non-gated: down(relu(up(x))²). One shared expert is always added.
 Dispatches with the same result:
 - "dense": every expert on every token, then weighted (the test reference);
 - "ragged": sort token copies by expert, `lax.ragged_dot` over the expert stack;
-- "gather": gather each token's k experts' weights (for decode-sized batches: no sort, no padding);
+- "grouped": tokens grouped by expert, for decode-sized calls: the distinct chosen experts (all of them once
+  tokens x k reaches the expert count) each run once over all the call's tokens, combined by a (expert, token)
+  weight matrix that is zero where a token did not choose the expert. Each chosen expert's weights are read
+  once per call however many tokens chose it, through batch-major matmuls (no per-call weight transpose);
+- "gather": the legacy decode dispatch: gathers each token's k experts' weights, a private copy per token
+  (kept for comparison: at batch 8 it copies 32 experts' weights per layer, 7x batch 1 on CPU);
 - "expert_parallel": experts split over the mesh axis `expert` of the current mesh (`jax.set_mesh`);
   each device runs the ragged dispatch on its local experts for all tokens, one `psum` combines.
 """
@@ -22,20 +27,20 @@ from jaxtyping import Array, Float, Int
 
 from twotower_jax.config import NemotronHConfig
 
-MoEImpl = Literal["auto", "ragged", "dense", "gather", "expert_parallel"]
-# Calls with at most this many tokens (decode steps) gather the chosen experts' weights per token:
-# 3.8x the dense dispatch at batch 1 and 1.8x at batch 8 on CPU (experiments/results/tower_cpu.md).
-GATHER_MAX_TOKENS = 8
+MoEImpl = Literal["auto", "ragged", "dense", "grouped", "gather", "expert_parallel"]
+# Calls with at most this many tokens (decode steps) run the grouped dispatch (experiments/results/overhead_cpu.md).
+GROUPED_MAX_TOKENS = 8
+GATHER_MAX_TOKENS = GROUPED_MAX_TOKENS   # the old name
 
 
 def resolve_moe_impl(impl: str, n_tokens: int, backend: str) -> str:
-    """`auto` → `gather` for decode-sized calls; otherwise the dense all-experts dispatch on CPU (5x
+    """`auto` → `grouped` for decode-sized calls; otherwise the dense all-experts dispatch on CPU (5x
     ragged_dot at 512 tokens, experiments/results/moe_cpu.md) and the sorted ragged dispatch elsewhere.
     Resolved at trace time: the token count is a static shape."""
     if impl != "auto":
         return impl
-    if n_tokens <= GATHER_MAX_TOKENS:
-        return "gather"
+    if n_tokens <= GROUPED_MAX_TOKENS:
+        return "grouped"
     return "dense" if backend == "cpu" else "ragged"
 EXPERT_AXIS = "expert"
 
@@ -100,8 +105,39 @@ def experts_dense(x, up, down, weights, idx):
     return jnp.einsum("te,ted->td", combine, out)
 
 
+def chosen_experts(idx, n_experts: int):
+    """The distinct experts chosen by any token, in `min(n_experts, t·k)` slots (static): (slot experts (m,),
+    slot used (m,)). With m = n_experts every expert has its own slot; otherwise the distinct chosen experts
+    in increasing order, then unused slots (expert 0, never read: their combine rows are zero)."""
+    t, k = idx.shape
+    m = min(n_experts, t * k)
+    if m == n_experts:
+        return jnp.arange(n_experts), jnp.ones((n_experts,), bool)
+    present = jnp.zeros((n_experts,), bool).at[idx.reshape(-1)].set(True)
+    slots = jnp.nonzero(present, size=m, fill_value=0)[0]
+    return slots, jnp.arange(m) < present.sum()
+
+
+def experts_grouped(x, up, down, weights, idx):
+    """Grouped dispatch: each distinct chosen expert runs once over all the call's tokens (dense over the
+    chosen experts), weighted per (expert, token) by the router weight, zero where not chosen. Weights are
+    read (or, with fewer slots than experts, gathered) once per expert per call, never per token; the
+    matmuls are batch-major over experts, the layout the expert stacks are stored in. Work is
+    min(E, t·k)·t expert-token products: for decode-sized calls."""
+    slots, used = chosen_experts(idx, up.shape[0])
+    if slots.shape[0] < up.shape[0]:
+        up, down = up[slots], down[slots]
+    chose = (idx[:, :, None] == slots) & used                                   # (t, k, m)
+    combine = jnp.einsum("tk,tkm->mt", weights, chose.astype(jnp.float32))
+    xs = jnp.broadcast_to(x, (slots.shape[0],) + x.shape)                       # (m, t, d)
+    h = relu_squared(_einsum_f32("mtd,mdf->mtf", xs, up))
+    out = _einsum_f32("mtf,mfd->mtd", h.astype(x.dtype), down)
+    return jnp.einsum("mt,mtd->td", combine, out)
+
+
 def experts_gather(x, up, down, weights, idx):
-    """Gather dispatch: each token's k experts' weights are gathered and applied to it alone."""
+    """Legacy gather dispatch: each token's k experts' weights are gathered and applied to it alone (a
+    private copy of k experts' weights per token)."""
     h = relu_squared(_einsum_f32("td,tkdf->tkf", x, up[idx]))
     out = _einsum_f32("tkf,tkfd->tkd", h.astype(x.dtype), down[idx])
     return jnp.einsum("tk,tkd->td", weights, out)
@@ -150,7 +186,7 @@ def experts_expert_parallel(x, up, down, weights, idx):
         x, up, down, weights, idx)
 
 
-_DISPATCH = {"ragged": experts_ragged, "dense": experts_dense, "gather": experts_gather,
+_DISPATCH = {"ragged": experts_ragged, "dense": experts_dense, "grouped": experts_grouped, "gather": experts_gather,
              "expert_parallel": experts_expert_parallel}
 
 
