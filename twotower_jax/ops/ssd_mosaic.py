@@ -57,7 +57,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from twotower_jax.ops.ssd import check_shapes, ssd_chunked
+from twotower_jax.ops.kernel_vjp import with_chunked_backward
+from twotower_jax.ops.ssd import check_shapes
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -264,21 +265,8 @@ def _forward(x, dt, A, B, C, initial_state, interpret):
     return y[:, :length, :, :p], final_t.transpose(0, 1, 3, 2)[:, :, :p, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssd_mosaic(x, dt, A, B, C, initial_state, interpret):
-    return _forward(x, dt, A, B, C, initial_state, interpret)
-
-
-def _ssd_mosaic_fwd(x, dt, A, B, C, initial_state, interpret):
-    return _forward(x, dt, A, B, C, initial_state, interpret), (x, dt, A, B, C, initial_state)
-
-
-def _ssd_mosaic_bwd(interpret, residuals, cotangents):
-    _, vjp = jax.vjp(functools.partial(ssd_chunked, chunk_size=CHUNK), *residuals)
-    return vjp(cotangents)
-
-
-_ssd_mosaic.defvjp(_ssd_mosaic_fwd, _ssd_mosaic_bwd)
+# The kernel's chunk is fixed (CHUNK); the backward recomputes ssd_chunked at that chunk.
+_ssd_mosaic = with_chunked_backward(lambda x, dt, A, B, C, h0, _chunk, interpret: _forward(x, dt, A, B, C, h0, interpret))
 
 
 def ssd_mosaic(
@@ -300,4 +288,4 @@ def ssd_mosaic(
     Differentiable in every input (XLA backward). bf16 tensor-core operands: see the module docstring.
     """
     del chunk_size
-    return _ssd_mosaic(x, dt, A, B, C, initial_state, interpret)
+    return _ssd_mosaic(x, dt, A, B, C, initial_state, CHUNK, interpret)

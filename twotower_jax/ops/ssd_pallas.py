@@ -48,7 +48,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from twotower_jax.ops.ssd import check_shapes, ssd_chunked
+from twotower_jax.ops.kernel_vjp import with_chunked_backward
+from twotower_jax.ops.ssd import check_shapes
 
 _MIN_DIM = 16      # Triton's dot needs M, N, K ≥ 16
 _MAX_CHUNK = 64    # kernel chunk cap: Q×Q fp32 tiles live in registers
@@ -183,22 +184,7 @@ def _forward(x, dt, A, B, C, initial_state, chunk_size: int, interpret: bool | N
     return y[:, :length, :, :p], final_state[:, :, :p, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _ssd_pallas(x, dt, A, B, C, initial_state, chunk_size, interpret):
-    return _forward(x, dt, A, B, C, initial_state, chunk_size, interpret)
-
-
-def _ssd_pallas_fwd(x, dt, A, B, C, initial_state, chunk_size, interpret):
-    return _forward(x, dt, A, B, C, initial_state, chunk_size, interpret), (x, dt, A, B, C, initial_state)
-
-
-def _ssd_pallas_bwd(chunk_size, interpret, residuals, cotangents):
-    # The backward pass is XLA: recompute the chunked scan under jax.vjp (same math as the kernel).
-    _, vjp = jax.vjp(functools.partial(ssd_chunked, chunk_size=chunk_size), *residuals)
-    return vjp(cotangents)
-
-
-_ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
+_ssd_pallas = with_chunked_backward(_forward)
 
 
 def ssd_pallas(
