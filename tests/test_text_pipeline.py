@@ -1,0 +1,156 @@
+"""The grain text pipeline: packing (documents separated by EOS, no token lost), exact resume of the
+iterator from its saved state (also through `TextBatches`, the training loop's batch_fn), per-host shards
+disjoint and covering, the JSONL / Parquet / ArrayRecord sources agreeing, and the local tokenizer CLI.
+A small BPE tokenizer is trained here with `tokenizers`; nothing is downloaded."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+pytest.importorskip("grain")
+pytest.importorskip("tokenizers")
+
+from twotower_jax.data import text_pipeline as tp  # noqa: E402
+
+WORDS = ("alpha beta gamma delta tower diffusion block mask token state mamba expert router "
+         "context denoiser cache scan chunk").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(41)]
+    (root / "corpus.txt").write_text("\n\n".join(docs))
+    assert tp.text_to_jsonl(root / "corpus.txt", root / "corpus.jsonl") == len(docs)
+    tp.train_tokenizer([root / "corpus.txt"], 300, root / "tokenizer.json")
+    return root, docs
+
+
+def pipeline(corpus, **overrides):
+    root, _ = corpus
+    settings = dict(data=(str(root / "corpus.jsonl"),), tokenizer=str(root / "tokenizer.json"), seq_len=16,
+                    batch_size=2, num_epochs=1, shard_index=0, shard_count=1, seed=5)
+    settings.update(overrides)
+    return tp.TextPipeline(tp.TextPipelineConfig(**settings))
+
+
+def test_local_tokenizer_has_the_byte_tokenizers_special_ids(corpus):
+    root, docs = corpus
+    tok = tp.load_tokenizer(root)   # a directory holding tokenizer.json
+    assert [tok.token_to_id(s) for s in tp.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert tok.get_vocab_size() == 300
+    assert tok.decode(tok.encode(docs[3]).ids) == docs[3]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_packed_sequences_are_the_eos_separated_stream(corpus, shuffle):
+    _, docs = corpus
+    p = pipeline(corpus, shuffle=shuffle, num_epochs=2)
+    assert p.eos_id == 2
+    order = p.documents()
+    assert sorted(order) == sorted(list(range(len(docs))) * 2)
+    assert (order[:len(docs)] != list(range(len(docs)))) == shuffle
+    if shuffle:   # each epoch its own order
+        assert order[:len(docs)] != order[len(docs):]
+    stream = np.concatenate([p.encode(docs[i]) for i in order])
+    for i in order[:5]:   # each document's tokens, then EOS
+        ids = p.tokenizer.encode(docs[i], add_special_tokens=False).ids
+        assert p.encode(docs[i]).tolist() == ids + [2]
+    batches = list(p.iterator())
+    assert all(b.shape == (2, 16) and b.dtype == np.int32 for b in batches)
+    packed = np.concatenate([b.reshape(-1) for b in batches])
+    # no token lost: everything up to the last full batch, in order, no padding
+    assert len(packed) == len(stream) // 32 * 32 and len(stream) - len(packed) < 32
+    np.testing.assert_array_equal(packed, stream[:len(packed)])
+
+
+def test_bos_and_named_special_tokens(corpus):
+    _, docs = corpus
+    p = pipeline(corpus, add_bos=True, eos_token="</s>")
+    assert p.bos_id == 1 and p.eos_id == 2
+    encoded = p.encode(docs[0])
+    assert encoded[0] == 1 and encoded[-1] == 2 and 1 not in encoded[1:-1].tolist()
+    with pytest.raises(ValueError, match="no EOS token"):
+        pipeline(corpus, eos_token="<|nope|>")
+
+
+def test_iterator_resumes_exactly_from_saved_state(corpus):
+    p = pipeline(corpus, num_epochs=None)   # forever: crosses epoch boundaries
+    it = p.iterator()
+    reference = [next(it) for _ in range(60)]   # ~3 epochs of this corpus
+    for k in (0, 1, 7, 25, 41):
+        it = p.iterator()
+        for _ in range(k):
+            next(it)
+        saved = json.dumps(it.get_state())       # what a checkpoint would hold
+        resumed = pipeline(corpus, num_epochs=None).iterator(json.loads(saved))
+        for j in range(k, min(k + 12, 60)):
+            np.testing.assert_array_equal(next(resumed), reference[j], err_msg=f"resumed at {k}, batch {j}")
+
+
+def test_text_batches_resume_like_an_uninterrupted_run(corpus, tmp_path):
+    uninterrupted = tp.TextBatches(pipeline(corpus, num_epochs=None))
+    reference = [uninterrupted(i) for i in range(20)]
+    # a run that stops after step 8 (batches 0..7), saving every 3 steps, then resumes in a new process
+    first = tp.TextBatches(pipeline(corpus, num_epochs=None), tmp_path / "data_state", save_every=3, keep=2)
+    for i in range(8):
+        np.testing.assert_array_equal(first(i), reference[i])
+    assert first.saved_indices() == [3, 6]
+    second = tp.TextBatches(pipeline(corpus, num_epochs=None), tmp_path / "data_state", save_every=3, keep=2)
+    for i in range(8, 20):   # restores the state before batch 6 and reads on to 8
+        np.testing.assert_array_equal(second(i), reference[i], err_msg=f"batch {i}")
+    assert second.saved_indices() == [15, 18]
+    # asking again for an earlier batch (a run restarted from an older checkpoint) also works
+    third = tp.TextBatches(pipeline(corpus, num_epochs=None), tmp_path / "data_state", save_every=3)
+    np.testing.assert_array_equal(third(16), reference[16])
+    np.testing.assert_array_equal(third(2), reference[2])
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_per_host_shards_are_disjoint_and_covering(corpus, count):
+    _, docs = corpus
+    shards = [pipeline(corpus, shard_index=i, shard_count=count) for i in range(count)]
+    seen = [set(s.documents()) for s in shards]
+    for i in range(count):
+        for j in range(i + 1, count):
+            assert not seen[i] & seen[j]
+    assert set().union(*seen) == set(range(len(docs)))
+    assert all(len(s.documents()) == len(d) for s, d in zip(shards, seen))   # each document once per epoch
+    # the batches differ between hosts, and each host's are its own documents' tokens
+    first = [next(s.iterator()) for s in shards]
+    assert not np.array_equal(first[0], first[1])
+    with pytest.raises(ValueError, match="shard_index"):
+        pipeline(corpus, shard_index=count, shard_count=count)
+
+
+def test_parquet_and_array_record_sources_match_jsonl(corpus, tmp_path):
+    _, docs = corpus
+    jsonl = pipeline(corpus)
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    table = pa.table({"text": docs, "id": list(range(len(docs)))})
+    pq.write_table(table.slice(0, 20), tmp_path / "a.parquet", row_group_size=6)
+    pq.write_table(table.slice(20), tmp_path / "b.parquet", row_group_size=7)
+    assert tp.write_array_record(docs, tmp_path / "docs.array_record") == len(docs)
+    for files in ([tmp_path / "a.parquet", tmp_path / "b.parquet"], [tmp_path / "docs.array_record"]):
+        source = tp.open_source(files)
+        assert len(source) == len(docs) and [source[i] for i in (0, 19, 20, 40, 5)] == [docs[i] for i in (0, 19, 20, 40, 5)]
+        other = pipeline(corpus, data=tuple(map(str, files)))
+        for a, b in zip(jsonl.iterator(), other.iterator()):
+            np.testing.assert_array_equal(a, b)
+    (tmp_path / "corpus.txt").write_text("plain text")
+    with pytest.raises(ValueError, match="unknown data format"):
+        tp.open_source([tmp_path / "corpus.txt"])
+
+
+def test_cli_trains_a_tokenizer_and_peeks(corpus, tmp_path, capsys):
+    root, _ = corpus
+    out = tmp_path / "tok" / "tokenizer.json"
+    assert tp.main(["train-tokenizer", "--input", str(root / "corpus.txt"), "--vocab-size", "280",
+                    "--out", str(out)]) == 0
+    assert "vocab 280" in capsys.readouterr().out and out.is_file()
+    assert tp.main(["peek", "--data", str(root / "corpus.jsonl"), "--tokenizer", str(out), "--seq-len", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "JsonlSource(41 documents" in printed and "batch 0 row 1 (12 tokens)" in printed
