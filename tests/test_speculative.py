@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from twotower_jax.config import tiny
+from twotower_jax.ops.ssd import ssd_sequential, ssd_state_at
 from twotower_jax.sampling.ar import generate_ar
 from twotower_jax.sampling.speculative import accept_drafts, generate_self_speculative, roll_back
 from twotower_jax.sampling.tokens import SamplingParams
+from twotower_jax.tower import truncate_extension
 from twotower_jax.two_tower import TwoTower
 
 CONFIG = tiny(pattern="M*EM-*E", chunk_size=4)
@@ -138,7 +140,28 @@ def test_acceptance_step_greedy():
 
 # ---- rollback: the cache after a cycle = a fresh prefill of the accepted text -------------------------
 
-def test_rollback_equals_fresh_prefill_of_accepted_text(params):
+def test_ssd_state_at_equals_the_sequential_scan_of_each_prefix():
+    """`ssd_state_at(index=k)` = the final state of the reference recurrence run over the first k positions
+    (a padded position, dt = 0 and x = 0, included), for every k and per row; fp32, ≤ 1e-5 relative."""
+    rng = np.random.default_rng(3)
+    b, l, h, p, g, n = 2, 7, 4, 3, 2, 5
+    x = rng.normal(size=(b, l, h, p)).astype(np.float32)
+    dt = rng.uniform(0.05, 1.5, size=(b, l, h)).astype(np.float32)
+    dt[1, 2] = 0.0
+    x[1, 2] = 0.0
+    A = -rng.uniform(0.2, 2.0, size=h).astype(np.float32)
+    B = rng.normal(size=(b, l, g, n)).astype(np.float32)
+    init = rng.normal(size=(b, h, p, n)).astype(np.float32)
+    for k in range(l + 1):
+        got = np.asarray(ssd_state_at(x, dt, A, B, init, jnp.asarray([k, l - k])))
+        for r, kk in enumerate([k, l - k]):
+            _, want = ssd_sequential(x[r:r + 1, :kk], dt[r:r + 1, :kk], A, B[r:r + 1, :kk], B[r:r + 1, :kk],
+                                     init[r:r + 1])
+            np.testing.assert_allclose(got[r], np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rollback", ["states", "replay"])
+def test_rollback_equals_fresh_prefill_of_accepted_text(params, rollback):
     context, cp = MODEL.context, params["context"]
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     s = 5
@@ -157,7 +180,11 @@ def test_rollback_equals_fresh_prefill_of_accepted_text(params):
     logits, _ = context.extend(cp, block, jax.tree.map(jnp.copy, pre), logits_at="all")
     a, committed = accept_drafts(logits, block[:, 1:], jax.vmap(jax.random.key)(jnp.arange(2)), SamplingParams())
     assert np.asarray(a).tolist() == [2, 0]
-    cache = roll_back(context, cp, block, pre, a, jnp.asarray([True, True]))
+    if rollback == "replay":
+        cache = roll_back(context, cp, block, pre, a, jnp.asarray([True, True]))
+    else:
+        _, extended, extensions = jax.jit(context.extend_truncatable)(cp, block, pre)
+        cache = truncate_extension(extended, extensions, pre.length, a + 1)
     assert int(cache.length) == 4 + 3
     for r, p in enumerate(prompts):
         text = p + drafts[r, :int(a[r])].tolist()          # cache holds the text up to, not incl., the new last
@@ -182,3 +209,86 @@ def test_rejects_bad_arguments(params):
         generate_self_speculative(MODEL, params, PROMPTS, 4, block_size=4, draft_steps=4)
     with pytest.raises(ValueError, match="TwoTower"):
         generate_self_speculative(MODEL.context, params["context"], PROMPTS, 4)
+
+
+# ---- a release-layout checkpoint through the real loader ---------------------------------------------
+
+def test_greedy_equals_ar_on_release_layout_checkpoint(tmp_path):
+    """The release's tensor names and layout (SPEC §6: context_tower.* / denoiser_tower.* / t_embedder /
+    t_block / scale_shift_tables, torch [out, in], one tensor per expert), BF16 weights with float32 router
+    biases, several safetensors shards with an index, the pattern as `hybrid_override_pattern`; the real
+    config's structure (8 groups, GQA, its first 7 layers `MEMEM*E`) at shrunk sizes. Loaded by
+    `load_checkpoint` (float32 compute), self-speculation = AR token for token, rows of different lengths,
+    an EOS row and max_new_tokens not a multiple of S."""
+    import json
+
+    from twotower_jax.checkpoint.hf import save_hf_two_tower
+    from twotower_jax.checkpoint.load import checkpoint_dtype, load_checkpoint
+    from twotower_jax.checkpoint.mapping import keeps_float32
+    from twotower_jax.config import nano_30b_a3b
+    real = nano_30b_a3b()
+    config = real.replace(
+        pattern=real.pattern[:7], vocab_size=256, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=8, mamba_num_heads=16, mamba_head_dim=4, ssm_state_size=4, n_groups=8, chunk_size=8,
+        n_routed_experts=16, num_experts_per_tok=6, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48)
+    assert config.pattern == "MEMEM*E"
+    params = TwoTower(config).random_params(seed=5, scale=0.5)
+
+    def as_release(path, x):
+        return x if keeps_float32(tuple(k.key for k in path)) else np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
+    save_hf_two_tower(tmp_path, config, jax.tree_util.tree_map_with_path(as_release, params), max_shard_bytes=200_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) >= 3 and (tmp_path / "model.safetensors.index.json").exists()
+    names = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {"context_tower.layers.5.mixer.q_proj.weight", "denoiser_tower.layers.1.mixer.experts.15.up_proj.weight",
+            "context_lm_head.weight", "lm_head.weight", "t_block.1.weight", "scale_shift_tables.6"} <= set(names)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.pop("layers_block_type", None)
+    hf["hybrid_override_pattern"] = config.pattern
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert checkpoint_dtype(tmp_path) == jnp.bfloat16
+    kind, loaded_config, loaded = load_checkpoint(tmp_path)
+    assert kind == "two_tower" and loaded_config.pattern == config.pattern
+    model = TwoTower(loaded_config)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    free = generate_ar(model, loaded, prompts, 9)
+    eos = free.tokens[0][3]                              # row 0 stops at its 4th token (others maybe earlier)
+    ar = generate_ar(model, loaded, prompts, 9, eos_token_id=eos)
+    assert ar.tokens[0][-1] == eos and len(ar.tokens[0]) <= 4
+    result = generate_self_speculative(model, loaded, prompts, 9, block_size=4, eos_token_id=eos)
+    _same_as_ar(result, ar)
+
+
+# ---- sampling through the whole generator: AR's distribution -------------------------------------------
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 4)])
+def test_generator_samples_ars_distribution(temperature, top_k):
+    """The whole generator at temperature > 0 on an 8-token vocabulary: 6000 rows of one prompt with seeds
+    0..5999, three tokens each (block S = 3: a cycle's drafts, accepts, rejections and resampling, and a
+    second cycle). The reference is AR sampling's exact joint distribution of the three tokens, enumerated
+    from the context tower's own prefill logits (512 texts) and the definition of the temperature / top-k
+    transform (`_target`, float64). Each of the 8 + 64 + 512 prefix events is checked at 5 binomial
+    standard deviations + 2e-4: a false alarm for an exact sampler has probability < 584 × 5.7e-7 ≈ 3e-4
+    (seeded: the run is deterministic)."""
+    config = tiny(pattern="M*E", vocab_size=8, chunk_size=4)
+    model = TwoTower(config)
+    params = model.random_params(seed=2, scale=0.4)
+    prompt, n, v = [5, 6, 1], 6000, config.vocab_size
+    result = generate_self_speculative(model, params, [prompt] * n, 3, block_size=3, temperature=temperature,
+                                       top_k=top_k, seed=list(range(n)))
+    tokens = np.asarray(result.tokens)
+    assert tokens.shape == (n, 3)
+    assert sum(result.stats["acceptance_histogram"][1:]) > 0        # drafts are accepted at times
+    texts = np.array([prompt + [a, b] for a in range(v) for b in range(v)], np.int32)
+    logits, _ = model.context.prefill(params["context"], jnp.asarray(texts))
+    logits = np.asarray(logits)
+    p1 = _target(logits[0, 2], temperature, top_k, 1.0)
+    p2 = np.array([_target(logits[a * v, 3], temperature, top_k, 1.0) for a in range(v)])       # [a, b]
+    p3 = np.array([_target(logits[i, 4], temperature, top_k, 1.0) for i in range(v * v)]).reshape(v, v, v)
+    joint = p1[:, None, None] * p2[:, :, None] * p3
+
+    def check(observed, expected):
+        tolerance = 5 * np.sqrt(expected * (1 - expected) / n) + 2e-4
+        assert (np.abs(observed - expected) <= tolerance).all(), np.max(np.abs(observed - expected) - tolerance)
+    check(np.bincount(tokens[:, 0], minlength=v) / n, joint.sum((1, 2)))
+    check(np.bincount(tokens[:, 0] * v + tokens[:, 1], minlength=v * v) / n, joint.sum(2).reshape(-1))
+    check(np.bincount((tokens[:, 0] * v + tokens[:, 1]) * v + tokens[:, 2], minlength=v ** 3) / n, joint.reshape(-1))

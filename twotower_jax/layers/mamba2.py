@@ -13,7 +13,7 @@ meaningless (finite).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ from jaxtyping import Array, Bool, Float
 from twotower_jax.cache import MambaCache
 from twotower_jax.config import NemotronHConfig
 from twotower_jax.layers.norms import GatedGroupRMSNorm
-from twotower_jax.ops.ssd import ScanImpl, ssd_scan
+from twotower_jax.ops.ssd import ScanImpl, ssd_scan, ssd_state_at
 
 
 class DepthwiseCausalConv(nn.Module):
@@ -81,8 +81,10 @@ class Mamba2Mixer(nn.Module):
     scan_impl: ScanImpl = "chunked"
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b l d"], cache: MambaCache, valid: Bool[Array, "b l"]):
-        """Returns (out (b, l, d), updated MambaCache)."""
+    def __call__(self, x: Float[Array, "b l d"], cache: MambaCache, valid: Bool[Array, "b l"],
+                 return_scan_inputs: bool = False):
+        """Returns (out (b, l, d), updated MambaCache); with `return_scan_inputs` also a `MambaExtension`
+        (what `mamba_cache_at` needs for the cache after any prefix of the chunk)."""
         cfg = self.config
         b, length, _ = x.shape
         inner, heads, head_dim = cfg.mamba_intermediate_size, cfg.mamba_num_heads, cfg.mamba_head_dim
@@ -120,4 +122,41 @@ class Mamba2Mixer(nn.Module):
         y = GatedGroupRMSNorm(inner, cfg.n_groups, cfg.layer_norm_epsilon, self.param_dtype, name="norm")(
             y.reshape(b, length, inner), z)
         out = nn.Dense(cfg.hidden_size, name="out_proj", **dense)(y.astype(self.dtype))
+        if return_scan_inputs:
+            extension = MambaExtension(cache.conv.astype(jnp.float32), cache.ssm, xbc.astype(jnp.float32), valid,
+                                       xs, dt, B.reshape(b, length, cfg.n_groups, cfg.ssm_state_size), A)
+            return out, MambaCache(conv=conv_state, ssm=ssm_state), extension
         return out, MambaCache(conv=conv_state, ssm=ssm_state)
+
+
+class MambaExtension(NamedTuple):
+    """One Mamba layer's extension by a chunk, kept so that the cache after any prefix of the chunk can be
+    rebuilt without running the layer again (self-speculative rollback): the cache before the chunk
+    (conv history, SSM state), the chunk's raw pre-conv xBC columns (zero where invalid) and validity, and
+    the scan inputs x (b, l, h, p), dt (b, l, h; 0 where invalid), B (b, l, g, n), A (h,)."""
+    history: Float[Array, "b k1 c"]
+    ssm: Float[Array, "b h p n"]
+    xbc: Float[Array, "b l c"]
+    valid: Bool[Array, "b l"]
+    x: Float[Array, "b l h p"]
+    dt: Float[Array, "b l h"]
+    B: Float[Array, "b l g n"]
+    A: Float[Array, "h"]
+
+
+def mamba_cache_at(extension: MambaExtension, index) -> MambaCache:
+    """The layer's cache after the first `index` (b,) positions of the chunk (0: the cache before it):
+    conv = the last K−1 valid raw columns of [history ; chunk[:index]], SSM state = `ssd_state_at`. Equals
+    the cache of extending by `chunk[:index]` alone (invalid positions skipped the same way)."""
+    history, xbc, valid = extension.history, extension.xbc, extension.valid
+    b, k1 = history.shape[:2]
+    length = xbc.shape[1]
+    index = jnp.asarray(index, jnp.int32)
+    full = jnp.concatenate([history, xbc], axis=1)                                     # (b, k1 + l, c)
+    keep = jnp.concatenate([jnp.ones((b, k1), bool), valid & (jnp.arange(length)[None] < index[:, None])], 1)
+    rank = jnp.cumsum(keep, axis=1)                                                     # 1-based among kept
+    wanted = rank[:, -1:, None] - k1 + 1 + jnp.arange(k1)[None, None, :]                # (b, 1, k1)
+    column = jnp.argmax(keep[:, :, None] & (rank[:, :, None] == wanted), axis=1)        # (b, k1)
+    conv = jnp.take_along_axis(full, column[:, :, None], axis=1)
+    ssm = ssd_state_at(extension.x, extension.dt, extension.A, extension.B, extension.ssm, index)
+    return MambaCache(conv=conv, ssm=ssm)

@@ -172,3 +172,34 @@ def ssd_scan(x, dt, A, B, C, initial_state, *, impl: ScanImpl = "auto", chunk_si
         from twotower_jax.ops.ssd_mosaic import ssd_mosaic
         return ssd_mosaic(x, dt, A, B, C, initial_state, chunk_size=chunk_size)
     return ssd_sequential(x, dt, A, B, C, initial_state)
+
+
+def ssd_state_at(
+    x: Float[Array, "b l h p"],
+    dt: Float[Array, "b l h"],
+    A: Float[Array, "h"],
+    B: Float[Array, "b l g n"],
+    initial_state: Float[Array, "b h p n"],
+    index,
+) -> Float[Array, "b h p n"]:
+    """The scan's state after the first `index` (b,) positions of each row (0: `initial_state`; l: the
+    final state), from the scan's own inputs, without running the scan again:
+
+        state_k = exp(Σ_{t<k} dt_t·A)·state_0 + Σ_{j<k} exp(Σ_{j<t<k} dt_t·A)·dt_j·(x_j ⊗ B_j)
+
+    (row k of the chunked SSD's decay matrix). Segment sums are summed from their own terms, as in
+    `ssd_chunked`. O(l²·h + l·h·p·n) per row: for a speculative verify pass, the Mamba states at the
+    accepted length without a second pass and without keeping a state per position."""
+    check_shapes(x, dt, A, B, B, initial_state)
+    f32 = jnp.float32
+    b, length, h, p = x.shape
+    x, dt = x.astype(f32), dt.astype(f32)
+    Bh = _heads_from_groups(B.astype(f32), h)
+    position = jnp.arange(length)
+    inside = position[None, :] < jnp.asarray(index)[:, None]                           # (b, l)
+    dA = jnp.where(inside[..., None], dt * A.astype(f32), 0.0)                          # (b, l, h)
+    later = (position[:, None] < position[None, :])[None, :, :, None]                   # t > j
+    after = jnp.sum(jnp.where(later, dA[:, None, :, :], 0.0), axis=2)                   # (b, j, h): Σ_{j<t<k}
+    weight = jnp.where(inside[..., None], jnp.exp(after) * dt, 0.0)
+    added = jnp.einsum("bjh,bjhp,bjhn->bhpn", weight, x, Bh, precision=_HIGHEST)
+    return jnp.exp(jnp.sum(dA, axis=1))[:, :, None, None] * initial_state.astype(f32) + added

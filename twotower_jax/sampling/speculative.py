@@ -19,19 +19,23 @@ valid context positions):
    renormalised (speculative sampling with a one-hot proposal: exactly AR's distribution). a + 1 tokens
    per row and cycle, cut at the row's first EOS and at max_new_tokens; log-probs are those of the
    unscaled context softmax, as in `generate_ar`.
-4. Roll back. The cache must hold [last, d_1 … d_a] (not the new last token). Chosen: replay — extend
-   the pre-verify cache again over the same S tokens with `valid` = positions 0..a of each row (the
-   other positions are skipped exactly by Mamba and are invalid KV slots). Why: it is exact by
-   construction through the one extension path every other sampler uses (chunked SSD, conv, KV, MoE),
-   with no change to the layers; per-position states would need the Mamba layer to emit the state after
-   every position (conv columns and the SSD's within-chunk states) and the attention/MoE layers nothing,
-   a deeper change for a saving of one context pass. Its cost: one extra context pass in each cycle
-   where some running row rejected a draft (skipped when every running row accepted all S − 1 drafts:
-   the verify pass's cache is then already right); counted honestly in `context_passes` /
-   `rollback_passes`, see experiments/results/speculative_cpu.md for the measured share.
+4. Roll back. The cache must hold [last, d_1 … d_a] (not the new last token). Chosen (`rollback="states"`,
+   the default): no second pass. The verify pass runs `extend_truncatable`, which also keeps each Mamba
+   layer's scan inputs for the block (`MambaExtension`: the pre-verify conv/SSM state, the raw xBC columns,
+   x, dt, B); `truncate_extension` then rebuilds each layer's state at the accepted length a + 1 per row
+   (`ssd_state_at`: row a + 1 of the SSD decay matrix applied to the block's inputs, and the conv state
+   = the last K−1 raw columns), marks the row's K/V slots past a + 1 invalid and sets the length to the
+   longest kept prefix. Why not keep the SSM state after every block position: that is S states per
+   Mamba layer and row (real config: S · 23 · (2 MiB SSM + 72 KiB conv) ≈ 762 MiB per row at S = 16),
+   while the inputs are ≈ 44 KiB per position and layer (≈ 16 MiB per row at S = 16) plus the pre-verify
+   state kept alive (≈ 48 MiB per row, one Mamba state); rebuilding one state costs S·H·P·N MACs per
+   layer (real config ≈ 0.4 GFLOP per row and cycle, ≈ 0.3 % of the 16-token verify pass). The option
+   `rollback="replay"` (the first version) re-runs the context tower over the accepted prefix from the
+   pre-verify cache (`roll_back`): exact through the ordinary extension path, but a second context pass
+   in most cycles; kept as an independent cross-check in the tests.
    Slots: KV slots are shared by all rows, so a cycle advances the cache by m = the longest committed
-   prefix among running rows (S without a rollback); a row that accepted fewer leaves invalid slots
-   (holes), which attention masks. Capacity: prompt − 1 + min(N·S, B·(N − 1) + S) slots (N =
+   prefix among running rows (S when all accepted everything); a row that accepted fewer leaves invalid
+   slots (holes), which attention masks. Capacity: prompt − 1 + min(N·S, B·(N − 1) + S) slots (N =
    max_new_tokens, B = rows): a running row has < N tokens, so before the last cycle at most
    min((N − 1)·S, B·(N − 1)) slots are used, and the last cycle writes S more. No compaction.
 
@@ -54,8 +58,11 @@ from twotower_jax.sampling.placed import placed_model, placement_mesh, run_place
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
 from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, sampling_logits
 from twotower_jax.sharding import PlacementLike, group_placement, resolve, tower_mesh
-from twotower_jax.tower import Params
+from twotower_jax.tower import Params, truncate_extension
 from twotower_jax.two_tower import TwoTower
+
+
+ROLLBACKS = ("states", "replay")
 
 
 def leading_true(flags):
@@ -96,6 +103,7 @@ class _Spec:
     sampling: SamplingParams
     eos_token_id: Optional[int]
     pad: int
+    rollback: str = "states"     # "states" (default) or "replay"
 
     def capacity(self, prompt_len: int, batch: int) -> int:
         n, s = self.max_new_tokens, self.block_size
@@ -143,8 +151,12 @@ def _cycle(model: TwoTower, params, keys, threshold, spec: _Spec, s: SpecState, 
     block, row_passes, passes = _denoise_block(model, params, cache, keys, s.cycle, active, width, spec.draft,
                                                threshold, canvas, masked)
     context = model.context
-    logits, verified = context.extend(params["context"], block, cache, jnp.broadcast_to(active[:, None], block.shape),
-                                      logits_at="all")
+    verify_valid = jnp.broadcast_to(active[:, None], block.shape)
+    start = cache.length
+    if spec.rollback == "states":
+        logits, verified, extensions = context.extend_truncatable(params["context"], block, cache, verify_valid)
+    else:
+        logits, verified = context.extend(params["context"], block, cache, verify_valid, logits_at="all")
     a, tokens = accept_drafts(logits, block[:, 1:], fold_rows(keys, s.cycle), spec.sampling)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[..., None], -1)[..., 0]
     n = jnp.minimum(a + 1, n_max - s.gen)
@@ -163,10 +175,13 @@ def _cycle(model: TwoTower, params, keys, threshold, spec: _Spec, s: SpecState, 
     done = s.done | hit_eos | (gen >= n_max)
     last = jnp.where(active, jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], 1)[:, 0], s.last)
     still = ~done
-    need = jnp.any(still & (a < width - 1))
-
-    cache = jax.lax.cond(need, lambda _: roll_back(context, params["context"], block, cache, a, still),
-                         lambda _: verified, None)
+    if spec.rollback == "states":   # no second pass: states rebuilt at the accepted length, KV tails invalid
+        need = jnp.zeros((), bool)
+        cache = truncate_extension(verified, extensions, start, jnp.where(still, a + 1, 0))
+    else:
+        need = jnp.any(still & (a < width - 1))
+        cache = jax.lax.cond(need, lambda _: roll_back(context, params["context"], block, cache, a, still),
+                             lambda _: verified, None)
     hist = s.hist + jnp.zeros((width,), jnp.int32).at[jnp.maximum(n - 1, 0)].add(active.astype(jnp.int32))
     return SpecState(s.cycle + 1, last, out, out_logp, gen, done, s.row_verify + active, s.row_rollback + (still & need),
                      s.row_den + row_passes, s.verify + 1, s.rollback + need, s.den + passes,
@@ -215,6 +230,7 @@ def generate_self_speculative(
     placement: PlacementLike = "single",
     mesh: Optional[jax.sharding.Mesh] = None,
     prompt_width: Optional[int] = None,
+    rollback: str = "states",
 ) -> GenerationResult:
     """AR's output (greedy: token for token; sampling: in distribution) at up to `block_size` tokens per
     context-tower verify pass: the denoiser drafts S − 1 tokens after the last committed one with
@@ -222,8 +238,9 @@ def generate_self_speculative(
     context tower verifies them in its extension pass. See the module docstring for the cycle.
 
     Arguments and per-row semantics as `generate_ar` (seed, placement, mesh, prompt_width) and
-    `generate_mask_diffusion` (block_size, mask_token_id). Stats: `context_passes` (prompt prefix +
-    verify + rollback passes), `verify_passes`, `rollback_passes`, `denoiser_passes`,
+    `generate_mask_diffusion` (block_size, mask_token_id); `rollback`: "states" (default, no second pass)
+    or "replay" (module docstring, step 4). Stats: `context_passes` (prompt prefix + verify + rollback
+    passes; rollback passes are 0 with "states"), `verify_passes`, `rollback_passes`, `denoiser_passes`,
     `tokens_per_context_pass` (generated tokens / the verify + rollback passes each row took part in, over
     all rows: AR's equivalent is 1) and per row, `tokens_per_verify_pass` (rollbacks not counted), `acceptance_histogram` (index k: row-cycles that committed k + 1 tokens).
     """
@@ -240,11 +257,13 @@ def generate_self_speculative(
     confidence_threshold = float(confidence_threshold)
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    if rollback not in ROLLBACKS:
+        raise ValueError(f"rollback must be one of {ROLLBACKS}, got {rollback!r}")
     draft = DiffusionParams(block_size, draft_steps, mask_token_id, 0.0)
     draft.validate(model.config.vocab_size)
     check_eos(eos_token_id, model.config.vocab_size)
     spec = _Spec(max_new_tokens, block_size, draft, SamplingParams(float(temperature), top_k, top_p), eos_token_id,
-                 model.config.pad_token_id)
+                 model.config.pad_token_id, rollback)
     placement = resolve(placement)
     requested = placement.kind
     mesh = placement_mesh(placement, mesh)
@@ -276,5 +295,6 @@ def generate_self_speculative(
         "seconds": run_s,
         "compile_seconds": compile_s,
         "placement": requested,
+        "rollback": rollback,
     }
     return GenerationResult(toks, logps, stats)
