@@ -40,12 +40,14 @@ valid context positions):
    min((N − 1)·S, B·(N − 1)) slots are used, and the last cycle writes S more. No compaction.
 
 The whole generation is one program (`jax.lax.while_loop` over cycles) placed by `run_placed` (`single`,
-`sharded`). On `towers` it runs whole on the context tower's device group, as `generate_ar` does, with
-the denoiser's params there too (not yet as per-tower pieces: the towers do not get one device each).
+`sharded`). On `towers` each tower runs on its own device group as per-tower compiled pieces
+(`_speculative_towers`: drafts on the denoiser's group, prefix / verify / rollback on the context's).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -54,10 +56,10 @@ import numpy as np
 
 from twotower_jax.sampling.ar import _context_prefix
 from twotower_jax.sampling.diffusion import DiffusionParams, _denoise_block
-from twotower_jax.sampling.placed import placed_model, placement_mesh, run_placed
+from twotower_jax.sampling.placed import compile_pieces, on, placed_model, placement_mesh, run_placed
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
 from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, sampling_logits
-from twotower_jax.sharding import PlacementLike, group_placement, resolve, tower_mesh
+from twotower_jax.sharding import PlacementLike, batch_shardings, constrain_batch, place_params, resolve, tower_mesh
 from twotower_jax.tower import Params, truncate_extension
 from twotower_jax.two_tower import TwoTower
 
@@ -142,15 +144,29 @@ def _start(tokens, spec: _Spec) -> SpecState:
 
 def _cycle(model: TwoTower, params, keys, threshold, spec: _Spec, s: SpecState, cache):
     """One draft / verify / accept / roll-back cycle. Returns (state, cache)."""
+    block, row_passes, passes = _draft(model, params, keys, threshold, spec, s, cache)
+    return _verify(model, params["context"], keys, spec, s, cache, block, row_passes, passes)
+
+
+def _draft(model: TwoTower, params, keys, threshold, spec: _Spec, s: SpecState, cache):
+    """Step 1 (denoiser; `params` needs only "denoiser"): the drafted block [last, d_1 … d_{S−1}] (b, S),
+    denoiser passes per row (b,) and batched ()."""
+    width = spec.block_size
+    batch = s.last.shape[0]
+    position = jnp.arange(width)
+    canvas = jnp.concatenate([s.last[:, None], jnp.full((batch, width - 1), spec.draft.mask_token_id, jnp.int32)], 1)
+    masked = jnp.broadcast_to(position[None] > 0, canvas.shape)
+    return _denoise_block(model, params, cache, keys, s.cycle, ~s.done, width, spec.draft, threshold, canvas, masked)
+
+
+def _verify(model: TwoTower, context_params, keys, spec: _Spec, s: SpecState, cache, block, row_passes, passes):
+    """Steps 2–4 (context tower): verify `block`, accept, commit, roll back. Returns (state, cache)."""
     width, n_max = spec.block_size, spec.max_new_tokens
     batch = s.last.shape[0]
     active = ~s.done
     position = jnp.arange(width)
-    canvas = jnp.concatenate([s.last[:, None], jnp.full((batch, width - 1), spec.draft.mask_token_id, jnp.int32)], 1)
-    masked = jnp.broadcast_to(position[None] > 0, canvas.shape)
-    block, row_passes, passes = _denoise_block(model, params, cache, keys, s.cycle, active, width, spec.draft,
-                                               threshold, canvas, masked)
     context = model.context
+    params = {"context": context_params}
     verify_valid = jnp.broadcast_to(active[:, None], block.shape)
     start = cache.length
     if spec.rollback == "states":
@@ -212,6 +228,76 @@ def speculative_loop(params: Params, tokens, valid, seeds, threshold, *, model: 
     return s
 
 
+@functools.lru_cache(maxsize=None)
+def _towers_pieces(model: TwoTower, spec: _Spec, context_mesh, denoiser_mesh):
+    """Compiled pieces on `towers` (one set per model, settings and groups): the prompt prefix, the start
+    state and a cycle's verify / accept / roll back (context group; the cache it extends is donated) and
+    a cycle's draft (denoiser group). Outputs pinned to their group's batch layout."""
+    def pinned(fn, mesh, **jit_kw):
+        return jax.jit(lambda *args: constrain_batch(fn(*args), mesh, args[-1].shape[0]), **jit_kw)
+
+    prefix = pinned(lambda p, tokens, valid, seeds: _context_prefix(
+        {"context": p}, tokens, valid, model=model, max_new_tokens=spec.max_new_tokens,
+        capacity=spec.capacity(tokens.shape[1], tokens.shape[0])), context_mesh)
+    start = pinned(lambda tokens, seeds: _start(tokens, spec), context_mesh)
+    draft = pinned(lambda p, cache, s, threshold, seeds: _draft(model, p, row_keys(seeds), threshold, spec, s, cache),
+                   denoiser_mesh)
+
+    def verify(p, cache, s, drafted, seeds):
+        s, cache = _verify(model, p, row_keys(seeds), spec, s, cache, *drafted)
+        return s, cache, jnp.all(s.done)
+    return prefix, start, draft, pinned(verify, context_mesh, donate_argnums=1)
+
+
+def _speculative_towers(model: TwoTower, params: Params, tokens, valid, seeds, threshold, mesh, spec: _Spec):
+    """Self-speculation with the context tower (prefix, verify, rollback; the state) on the towers mesh's
+    group 0 and the denoiser (drafts) on group 1, cycle by cycle, as diffusion's `_diffusion_towers` (see
+    there why per-tower pieces): per cycle the context cache and the state go to the denoiser group, the
+    drafted block comes back, and the host reads one flag (every row done?). Returns (SpecState, compile
+    seconds, run seconds)."""
+    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
+    batch = tokens.shape[0]
+
+    def context_at(tree):
+        return batch_shardings(tree, context_mesh, batch)
+
+    def denoiser_at(tree):
+        return batch_shardings(tree, denoiser_mesh, batch)
+
+    placed = place_params(params, "towers", mesh)
+    context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
+    tokens, valid, seeds_c = jax.device_put((tokens, valid, seeds), context_at((tokens, valid, seeds)))
+    seeds_d, threshold = jax.device_put((seeds, threshold), denoiser_at((seeds, threshold)))
+    prefix, start, draft, verify = _towers_pieces(model, spec, context_mesh, denoiser_mesh)
+    with jax.set_mesh(context_mesh):
+        cache_struct = jax.eval_shape(prefix, context_params, tokens, valid, seeds_c)
+        state_struct = jax.eval_shape(start, tokens, seeds_c)
+    with jax.set_mesh(denoiser_mesh):
+        drafted_struct = jax.eval_shape(draft, denoiser_params, cache_struct, state_struct, threshold, seeds_d)
+    cache_on_context, cache_on_denoiser = context_at(cache_struct), denoiser_at(cache_struct)
+    state_on_context, state_on_denoiser = context_at(state_struct), denoiser_at(state_struct)
+    drafted_on_context = context_at(drafted_struct)
+    (prefix_c, start_c, draft_c, verify_c), compile_s = compile_pieces(
+        (prefix, (context_params, tokens, valid, seeds_c), context_mesh),
+        (start, (tokens, seeds_c), context_mesh),
+        (draft, (denoiser_params, on(cache_struct, cache_on_denoiser), on(state_struct, state_on_denoiser), threshold,
+                 seeds_d), denoiser_mesh),
+        (verify, (context_params, on(cache_struct, cache_on_context), on(state_struct, state_on_context),
+                  on(drafted_struct, drafted_on_context), seeds_c), context_mesh))
+
+    begin = time.perf_counter()
+    cache = prefix_c(context_params, tokens, valid, seeds_c)
+    s = start_c(tokens, seeds_c)
+    while True:
+        drafted = draft_c(denoiser_params, jax.device_put(cache, cache_on_denoiser),
+                          jax.device_put(s, state_on_denoiser), threshold, seeds_d)
+        s, cache, all_done = verify_c(context_params, cache, s, jax.device_put(drafted, drafted_on_context), seeds_c)
+        if bool(all_done):   # the one host sync per cycle
+            break
+    s = jax.block_until_ready(s)
+    return s, compile_s, time.perf_counter() - begin
+
+
 def generate_self_speculative(
     model: TwoTower,
     params: Params,
@@ -268,12 +354,14 @@ def generate_self_speculative(
     requested = placement.kind
     mesh = placement_mesh(placement, mesh)
     model = placed_model(model, placement, mesh)
-    if placement.kind == "towers":  # whole on the context tower's group, both towers' params there
-        mesh, placement = tower_mesh(mesh, "context"), group_placement(placement)
     tokens, valid = left_pad(prompts, model.config.pad_token_id, model.config.vocab_size, prompt_width)
     seeds = row_seeds(seed, len(tokens))
-    s, compile_s, run_s = run_placed(speculative_loop, placement, mesh, params, tokens, valid, seeds,
-                                     np.float32(confidence_threshold), model=model, spec=spec)
+    if placement.kind == "towers":   # each tower on its own device group
+        s, compile_s, run_s = _speculative_towers(model, params, tokens, valid, seeds,
+                                                  np.float32(confidence_threshold), mesh, spec)
+    else:
+        s, compile_s, run_s = run_placed(speculative_loop, placement, mesh, params, tokens, valid, seeds,
+                                         np.float32(confidence_threshold), model=model, spec=spec)
     gen = np.asarray(s.gen)
     toks, logps = cut_rows(np.asarray(s.out), np.asarray(s.out_logp), gen)
     verify, rollback = int(s.verify), int(s.rollback)
