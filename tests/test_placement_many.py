@@ -25,6 +25,7 @@ from twotower_jax.config import nano_30b_a3b, tiny
 from twotower_jax.sampling.ar import generate_ar, generate_mock_ar
 from twotower_jax.sampling.diffusion import generate_mask_diffusion
 from twotower_jax.sampling.placed import placed_model
+from twotower_jax.sampling.speculative import generate_self_speculative
 from twotower_jax.tower import Impl
 from twotower_jax.two_tower import TwoTower
 
@@ -42,6 +43,7 @@ MODES = {
     "mock_ar": (generate_mock_ar, dict(max_new_tokens=6, temperature=1.0, top_k=40, seed=11)),
     "diffusion": (generate_mask_diffusion, dict(max_new_tokens=8, block_size=4, steps_per_block=3,
                                                 confidence_threshold=0.5, temperature=0.7, seed=3)),
+    "self_speculative": (generate_self_speculative, dict(max_new_tokens=6, block_size=3)),   # greedy: = AR
 }
 # (placement, devices, data): every placement on 4 and 8 devices, and rows split over `data` (towers on 8:
 # two groups of data 2 × expert 2; AR there runs on the context group, i.e. `sharded` with data 2 on 4 devices).
@@ -191,6 +193,19 @@ def test_eight_every_placement_on_4_and_8_devices_generates_the_single_device_to
             np.testing.assert_allclose(row, expected, atol=1e-5, err_msg=where)
         assert {k: result.stats[k] for k in counters} == {k: reference.stats[k] for k in counters}, where
         assert result.stats["placement"] == placement
+
+
+@needs_eight
+def test_eight_self_speculative_is_ar_on_4_and_8_devices(generated):
+    """Greedy self-speculation = AR token for token on every mesh of `MESHES` (towers: drafts on the
+    denoiser's group, verify on the context's), log-probs within 1e-5 (+1e-5 relative: a chunked verify
+    pass vs one-token decode steps, see tests/test_speculative.py)."""
+    for placement, devices, data in [("single", 1, 1)] + MESHES:
+        spec, ar = generated("self_speculative", placement, devices, data), generated("ar", placement, devices, data)
+        where = f"{placement} on {devices} devices, data={data}"
+        assert spec.tokens == ar.tokens, where
+        for row, expected in zip(spec.logprobs, ar.logprobs):
+            np.testing.assert_allclose(row, expected, atol=1e-5, rtol=1e-5, err_msg=where)
 
 
 @needs_eight
