@@ -1,0 +1,91 @@
+"""The sharded training step (twotower_jax/training/parallel.py) against the single-device step: a
+(data=2, expert=2) mesh on 4 CPU devices, gradient accumulation, and two processes joined by
+jax.distributed against one process with two devices. Each layout runs in its own subprocess
+(tests/train_parallel_worker.py) because the device count is fixed when a process starts."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from twotower_jax.training import parallel
+
+WORKER = os.path.join(os.path.dirname(__file__), "train_parallel_worker.py")
+FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+STEPS = 20
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST}",
+            "JAX_PLATFORMS": "cpu"}
+
+
+def run_worker(out, runs, devices=1, **flags):
+    argv = [sys.executable, WORKER, "--out", str(out), "--steps", str(STEPS), "--runs", *runs]
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return subprocess.Popen(argv, env=_env(devices))
+
+
+def assert_same_run(a, b, tol=1e-5):
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=tol, atol=tol)
+    assert a["params"].keys() == b["params"].keys()
+    for name in a["params"]:
+        np.testing.assert_allclose(a["params"][name], b["params"][name], rtol=tol, atol=tol, err_msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every layout, trained for STEPS steps from the same params on the same batches: one 4-device
+    process (runs named by layout) and two 1-device processes joined by jax.distributed."""
+    tmp = tmp_path_factory.mktemp("train_parallel")
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [run_worker(tmp / "four_devices.json", [
+        # NAME=LOSS,BATCH,GRAD_ACCUM,DATA,EXPERT (DATA 0: the single-device step, no mesh)
+        "single=diffusion,8,1,0,1", "sharded=diffusion,8,1,2,2", "data2=diffusion,8,1,2,1",
+        "ar_whole=ar,8,1,0,1", "ar_accum=ar,8,2,0,1", "ar_sharded_accum=ar,8,2,2,2"], devices=4)]
+    for pid in range(2):
+        procs.append(run_worker(tmp / "two_processes.json", ["data2=diffusion,8,1,2,1"], devices=1,
+                                coordinator_address=address, num_processes=2, process_id=pid))
+    for p in procs:
+        assert p.wait(timeout=900) == 0
+    results = json.loads((tmp / "four_devices.json").read_text())
+    results["two_processes"] = json.loads((tmp / "two_processes.json").read_text())["data2"]
+    return results
+
+
+def test_sharded_step_on_4_devices_equals_one_device(runs):
+    single, sharded = runs["single"], runs["sharded"]
+    assert sharded["layout"]["devices"] == 4
+    assert sharded["layout"]["experts_up_spec"][:2] == ["expert", "data"]   # experts + FSDP over data
+    assert single["losses"][-1] < single["losses"][0]    # it trains
+    assert_same_run(sharded, single)
+
+
+def test_grad_accumulation_equals_the_whole_batch(runs):
+    assert_same_run(runs["ar_accum"], runs["ar_whole"])
+    assert_same_run(runs["ar_sharded_accum"], runs["ar_whole"])
+
+
+def test_two_processes_equal_one_process_with_two_devices(runs):
+    two, one = runs["two_processes"], runs["data2"]
+    assert two["layout"]["processes"] == 2 and two["layout"]["devices"] == 2
+    assert one["layout"]["processes"] == 1 and one["layout"]["devices"] == 2
+    assert_same_run(two, one)
+    assert_same_run(one, runs["single"])
+
+
+def test_bad_grad_accum_is_refused():
+    with pytest.raises(ValueError, match="grad_accum must be an integer"):
+        parallel.check_grad_accum(0, 8)
+    with pytest.raises(ValueError, match="does not split into grad_accum=3"):
+        parallel.check_grad_accum(3, 8)

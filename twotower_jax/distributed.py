@@ -1,0 +1,66 @@
+"""More than one process: `jax.distributed` from flags or the cluster's environment, and which rows of a
+global batch this process feeds.
+
+Each process runs the same program over a global mesh of every process's devices; arrays are built
+from process-local pieces with `jax.make_array_from_process_local_data`. A process initialises once,
+before it touches a device:
+
+    from twotower_jax import distributed
+    distributed.initialize(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0)
+
+With no arguments `initialize` joins a cluster JAX can detect by itself (Slurm, TPU pods, Open MPI,
+GKE…) and is a no-op on a single machine, so the same script runs everywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+# Environment variables by which JAX's cluster auto-detection recognises a multi-process job.
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                "JAX_COORDINATOR_ADDRESS")
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, *, local_device_ids=None) -> bool:
+    """Joins the job. Explicit flags win (all three, or none); without them a detected cluster's
+    environment is used; otherwise nothing happens (one process). Returns whether `jax.distributed`
+    was initialised. Call before any other JAX call that touches devices."""
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise ValueError("--coordinator_address, --num_processes and --process_id go together: got "
+                         f"{coordinator_address!r}, {num_processes!r}, {process_id!r}")
+    if all(given):
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} must be in [0, num_processes={num_processes})")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   local_device_ids=local_device_ids)
+        return True
+    if any(name in os.environ for name in _CLUSTER_ENV):
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def process_rows(global_batch: int, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> slice:
+    """The contiguous rows of a global batch this process feeds (processes in index order, equal parts).
+    Matches a mesh whose `data` axis is laid out process by process (as `jax.devices()` orders them)."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if global_batch % count:
+        raise ValueError(f"global batch {global_batch} does not split evenly over {count} processes")
+    per = global_batch // count
+    return slice(index * per, (index + 1) * per)
+
+
+def global_array(batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a batch every process computed whole (the training data is a pure function
+    of the step): each process transfers only the shards its own devices hold."""
+    batch = np.asarray(batch)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
