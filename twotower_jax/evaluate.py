@@ -1,0 +1,100 @@
+"""Offline lm-evaluation-harness runs of a TwoTower (or single-tower) checkpoint.
+
+    python -m twotower_jax.evaluate --checkpoint DIR --tasks T[,T...] [--include-path DIR] \\
+        [--model-args mode=diffusion,confidence_threshold=0.8,block_size=16] [--limit N] --output-path OUT
+
+Runs the `twotower` model (`twotower_jax.lm_eval_model`) through `lm_eval.simple_evaluate` with the
+Hugging Face hub switched off (`HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE`): tasks come from lm-eval's own
+registry or `--include-path` (task YAMLs whose `dataset_path` / `dataset_kwargs.data_files` point at local
+files, or datasets already in the local HF cache). Writes lm-eval's results JSON to OUT (a `.json` file, or
+OUT/results.json for a directory) and prints lm-eval's table. Needs the `eval` extra (`pip install
+twotower-jax[eval]`). With `--coordinator-address --num-processes --process-id` (or `--distributed`) each
+process evaluates its share of every task (lm-eval's rank/world_size) and process 0 writes the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m twotower_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="HF-layout directory, orbax checkpoint, or `demo`")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
+    p.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
+    p.add_argument("--model-args", default="", help="k=v,... for the twotower model: mode, block_size, "
+                   "steps_per_block, confidence_threshold, draft_steps, temperature, top_k, top_p, max_length, "
+                   "max_gen_toks, dtype, placement, devices, seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="lm-eval's random/numpy/fewshot seeds")
+    p.add_argument("--log-samples", action="store_true", help="keep per-document samples in the output")
+    p.add_argument("--output-path", required=True, type=Path)
+    p.add_argument("--coordinator-address", default=None)
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
+    return p
+
+
+def results_path(output: Path) -> Path:
+    return output if output.suffix == ".json" else output / "results.json"
+
+
+def run(args) -> Optional[dict]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError("python -m twotower_jax.evaluate needs lm-evaluation-harness: pip install "
+                         "'twotower-jax[eval]'") from None
+    import jax
+    from twotower_jax.lm_eval_model import TwoTowerLM
+    if args.coordinator_address or args.num_processes or args.process_id is not None:
+        if None in (args.coordinator_address, args.num_processes, args.process_id):
+            raise ValueError("--coordinator-address, --num-processes and --process-id go together")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+    model_args = f"checkpoint={args.checkpoint}" + (f",{args.model_args}" if args.model_args else "")
+    lm = TwoTowerLM.create_from_arg_string(model_args, {"batch_size": args.batch_size})
+    tasks = [t for t in args.tasks.split(",") if t]
+    manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
+                                      task_manager=manager, log_samples=args.log_samples,
+                                      random_seed=args.seed, numpy_random_seed=args.seed,
+                                      fewshot_random_seed=args.seed)
+    if results is None:   # ranks other than 0
+        return None
+    results["config"]["model_args"] = model_args
+    results["config"]["model"] = "twotower"
+    path = results_path(args.output_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        results = run(args)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    if results is not None:
+        from lm_eval.utils import make_table
+        print(make_table(results))
+        print(f"results: {results_path(args.output_path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
