@@ -74,6 +74,45 @@ def test_greedy_equals_ar_on_demo_model():
     _same_as_ar(result, ar)
     assert sum(result.stats["acceptance_histogram"][1:]) > 0              # drafts do get accepted
     assert result.stats["tokens_per_verify_pass"] > 1
+    # rollback without a second pass: every context pass after the prompt is a verify pass
+    assert result.stats["rollback_passes"] == 0 and result.stats["rollback"] == "states"
+    assert result.stats["tokens_per_context_pass"] == result.stats["tokens_per_verify_pass"]
+
+
+def test_logprob_gap_is_ars_own_chunk_vs_step_rounding():
+    """Where the ~1e-5 log-prob differences come from. Self-speculation's log-probs are the context tower's
+    over a chunk (the verify pass); `generate_ar`'s are one-token decode steps (and its first token a
+    prefill). The same tokens' log-probs from AR's own prefill of its own output text differ from its
+    decode steps by the same order (fp32 evaluation order: blocked matmuls, chunked scan and attention over
+    16 positions vs 1; ~1e-6 relative to logits of size ~10). So the check is: identical tokens, and
+    self-speculation within max(1e-5, 2 × AR's own prefill-vs-decode gap) of AR, that gap itself < 5e-5.
+    A real error (a log-prob read at the wrong position, of the wrong token, or from scaled logits) is
+    ≥ 1e-2 here."""
+    from twotower_jax.checkpoint.load import load_checkpoint
+    from twotower_jax.data import EOS_ID, MASK_ID, TASK_KINDS, eval_set, prompt_ids
+    _, config, demo_params = load_checkpoint("demo")
+    demo = TwoTower(config)
+    prompts = [prompt_ids(t) for t in eval_set(TASK_KINDS, 16, seed=1234)]
+    ar = generate_ar(demo, demo_params, prompts, 16, eos_token_id=EOS_ID)
+    spec = generate_self_speculative(demo, demo_params, prompts, 16, block_size=16, eos_token_id=EOS_ID,
+                                     mask_token_id=MASK_ID)
+    assert spec.tokens == ar.tokens
+    texts = [p + g for p, g in zip(prompts, ar.tokens)]
+    width = max(map(len, texts)) - 1
+    tokens, valid = np.zeros((len(texts), width), np.int32), np.zeros((len(texts), width), bool)
+    for r, t in enumerate(texts):     # left-padded: padding is skipped exactly (tests/test_two_tower.py)
+        tokens[r, width - len(t) + 1:], valid[r, width - len(t) + 1:] = t[:-1], True
+    logits, _ = demo.context.prefill(demo_params["context"], jnp.asarray(tokens), jnp.asarray(valid))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    ar_gap = spec_gap = 0.0
+    for r, (p, generated, ar_logp, spec_logp) in enumerate(zip(prompts, ar.tokens, ar.logprobs, spec.logprobs)):
+        at = width - len(texts[r]) + len(p) + np.arange(len(generated))
+        prefill_logp = logp[r, at, generated]
+        ar_gap = max(ar_gap, float(np.abs(prefill_logp - np.asarray(ar_logp)).max()))
+        spec_gap = max(spec_gap, float(np.abs(np.asarray(spec_logp) - np.asarray(ar_logp)).max()))
+    print(f"\nmax |AR prefill − AR decode| {ar_gap:.3g}, max |self-speculative − AR| {spec_gap:.3g}")
+    assert 0 < ar_gap < 5e-5
+    assert spec_gap <= max(1e-5, 2 * ar_gap)
 
 
 # ---- the acceptance step: output distribution = AR sampling's ----------------------------------------
