@@ -10,15 +10,10 @@ Also: AR's own log-prob disagreement between its two paths (a prefill of AR's ou
 steps, same tokens) next to self-speculation's, and the cost of the rollback itself (rebuilding the Mamba
 states at the accepted length vs the verify pass, jitted, batch 1, S = 16).
 """
-import time
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jax
