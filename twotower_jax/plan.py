@@ -14,11 +14,24 @@ differently from XLA:CPU (on CPU the bf16 expert matmuls of the real config alon
 scratch; experiments/results/aot_memory.md), so a CPU plan's temp is an upper-bound estimate of the
 layout, not a GPU measurement. Without enough devices of that platform to compile on, the CLI compiles on
 N fake CPU devices and says so; `--no-compile` gives params and caches only (exact, instant).
+
+`--train`: the plan of one denoiser training step (SPEC §5, `training.objective.diffusion_loss`) instead,
+per device: the trainable denoiser's master weights (`--master-dtype`, default float32), its AdamW state
+(two moments in the master dtype, plus step counts), the frozen context tower (in the compute `--dtype`),
+and the step's scratch — activations, gradients and the optimizer update's temporaries — from XLA's memory
+analysis of the step compiled ahead of time (`--seq-len` tokens of L = N·S per row, `--batch` rows over the
+mesh's `data` axis, `--grad-accum` micro-batches). The layout is the training one (`TRAIN_RULES`): the
+inference `sharded` rules (experts over `expert`, dense weights over `expert` × `tensor`) plus FSDP (every
+param's `embed` dimension over `data`) for the params, their moments and the frozen tower alike.
+
+    python -m twotower_jax.plan --train --config nano-30b-a3b --devices 8 --data 8 --device-memory 80GiB \
+        --batch 8 --seq-len 4096 --block-size 16
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -257,6 +270,255 @@ def compile_programs(model, mode: str, placement, mesh, *, batch: int = 1, conte
     return out
 
 
+# --- training ------------------------------------------------------------------------------------------
+
+def train_rules() -> dict:
+    """The training layout's rules: the inference `sharded` rules plus FSDP (`embed` over `data`); the same
+    table as `twotower_jax.training.parallel.TRAIN_PLACEMENT`."""
+    from twotower_jax import sharding
+    return {**sharding.RULES["sharded"], "embed": sharding.DATA_AXIS}
+
+
+def train_placement():
+    from twotower_jax import sharding
+    return sharding.Placement("sharded", tuple(sorted(train_rules().items())))
+
+
+@dataclasses.dataclass
+class TrainMemoryPlan:
+    """Per-device bytes of one training step: `params` (trainable master weights), `optimizer` (AdamW
+    state), `frozen` (the context tower), and the compiled step's scratch (`program["temp"]`: activations,
+    gradients, update temporaries), all keyed by device position; `program` is None when not compiled."""
+    description: dict
+    params: dict[int, int]
+    optimizer: dict[int, int]
+    frozen: dict[int, int]
+    batch: dict[int, int]
+    program: Optional[dict]
+    compiled_on: Optional[str]
+    device_memory: Optional[int]
+    counts: dict
+
+    def temp(self, device: int) -> int:
+        return self.program["temp"] if self.program else 0
+
+    def state(self, device: int) -> int:
+        """What stays resident between steps: params, optimizer state, frozen tower."""
+        return self.params[device] + self.optimizer[device] + self.frozen[device]
+
+    def total(self, device: int) -> int:
+        return self.state(device) + self.batch[device] + self.temp(device)
+
+    @property
+    def peak(self) -> int:
+        return max(self.total(d) for d in self.params)
+
+    def fits(self) -> bool:
+        return self.device_memory is None or self.peak <= self.device_memory
+
+    def table(self, fold: bool = True) -> str:
+        d = self.description
+        head = (f"training memory plan: {d['config']}, master {d['master_dtype']} / compute {d['dtype']}, "
+                f"{len(self.params)} device(s) {d['mesh']} (FSDP over data, experts over expert), batch "
+                f"{d['batch']} x {d['seq_len']} tokens (block {d['block_size']}, grad_accum {d['grad_accum']})")
+        c = self.counts
+        counts = (f"params: {c['trainable']:,} trainable (denoiser), {c['frozen']:,} frozen (context tower); "
+                  f"AdamW: 2 moments in {d['master_dtype']}")
+        temp_note = (f"activations: XLA memory analysis of the step compiled on {self.compiled_on} "
+                     f"(compile {self.program['compile_seconds']:.0f} s)" if self.program
+                     else "activations: not compiled (--no-compile)")
+        lines = [head, counts, temp_note, "", "| device | params | optimizer | frozen | batch | activations | total |",
+                 "|---|---|---|---|---|---|---|"]
+        rows: dict[tuple, list[int]] = {}
+        for device in self.params:
+            key = (self.params[device], self.optimizer[device], self.frozen[device], self.batch[device],
+                   self.temp(device))
+            rows.setdefault(key if fold else (device,) + key, []).append(device)
+        for key, devices in rows.items():
+            p, o, f, b, t = key[-5:]
+            name = (f"{devices[0]}–{devices[-1]}" if len(devices) > 1 else str(devices[0]))
+            lines.append(f"| {name} | {gib(p)} | {gib(o)} | {gib(f)} | {gib(b)} | "
+                         f"{gib(t) if self.program else '-'} | {gib(p + o + f + b + t)} |")
+        if self.device_memory is not None:
+            verdict = "fits" if self.fits() else "DOES NOT FIT"
+            lines.append(f"device memory {gib(self.device_memory)}: peak {gib(self.peak)}, {verdict}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"description": self.description, "counts": self.counts, "params": self.params,
+                "optimizer": self.optimizer, "frozen": self.frozen, "batch": self.batch, "program": self.program,
+                "compiled_on": self.compiled_on, "device_memory": self.device_memory, "peak": self.peak,
+                "fits": self.fits(), "per_device_total": {d: self.total(d) for d in self.params}}
+
+
+def train_state_shapes(config, *, dtype=None, master_dtype=None):
+    """(model, master params, AdamW state, frozen context tower) as `jax.eval_shape` structs: the denoiser
+    in `master_dtype`, its optimizer state (`training.loop.make_optimizer`), the context tower in `dtype`."""
+    import jax.numpy as jnp
+    dtype = jnp.dtype(jnp.bfloat16 if dtype is None else dtype)
+    master_dtype = jnp.dtype(jnp.float32 if master_dtype is None else master_dtype)
+    return _train_state_shapes(config, dtype, master_dtype)
+
+
+@functools.lru_cache(maxsize=4)   # tracing the real model's init takes a while; shapes are immutable
+def _train_state_shapes(config, dtype, master_dtype):
+    import jax
+
+    from twotower_jax.training.loop import TrainConfig, make_optimizer
+    from twotower_jax.two_tower import TwoTower
+
+    model = TwoTower(config, dtype, master_dtype)
+    shapes = model.param_shapes()
+    master = shapes["denoiser"]
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes["context"])
+    opt_state = jax.eval_shape(make_optimizer(TrainConfig(steps=1000, warmup_steps=0)).init, master)
+    return model, master, opt_state, frozen
+
+
+def _count(tree) -> int:
+    import jax
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def memory_plan_train(config, *, n_devices: int = 1, data: int = 1, tensor: int = 1, batch: int = 1,
+                      seq_len: int = 4096, block_size: int = 16, grad_accum: int = 1, dtype=None,
+                      master_dtype=None, mask_token_id: int = 3, moe: str = "ragged", compile: bool = True,
+                      devices=None, device_memory: Optional[int] = None) -> TrainMemoryPlan:
+    """The training-step plan (module docstring, `--train`). `batch` is the global batch (rows over
+    `data`); `compile=False` gives the exact resident bytes (params, optimizer, frozen tower) only."""
+    import jax
+    import jax.numpy as jnp
+
+    from twotower_jax import sharding
+
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("block_size", block_size),
+                        ("grad_accum", grad_accum)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if seq_len % block_size:
+        raise ValueError(f"seq_len {seq_len} must be a multiple of block_size {block_size} (L = N·S)")
+    if batch % (grad_accum * data):
+        raise ValueError(f"batch {batch} must split into grad_accum={grad_accum} micro-batches over data={data} "
+                         f"(a multiple of {grad_accum * data})")
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    master_dtype = jnp.float32 if master_dtype is None else master_dtype
+    kind = "single" if n_devices == 1 else "sharded"
+    mesh = sharding.abstract_mesh(kind, n_devices, data=data, tensor=tensor)
+    compiled_on = None
+    if compile:
+        pool = list(devices) if devices is not None else jax.devices()
+        if len(pool) < n_devices:
+            pool = jax.devices("cpu")
+        if len(pool) < n_devices:
+            raise ValueError(f"compiling the plan for {n_devices} devices needs {n_devices} devices of one platform; "
+                             f"found {len(pool)} ({pool[0].platform}). Run `python -m twotower_jax.plan` (it sets up "
+                             f"fake CPU devices) or pass compile=False")
+        mesh = sharding.make_mesh(kind, pool, n_devices=n_devices, data=data, tensor=tensor)
+        compiled_on = f"{pool[0].platform} ({pool[0].device_kind})"
+    placement = train_placement()
+    model, master, opt_state, frozen = train_state_shapes(config, dtype=dtype, master_dtype=master_dtype)
+    params_b = sharding.param_bytes_per_device(master, placement, mesh)
+    optimizer_b = sharding.param_bytes_per_device(opt_state, placement, mesh)
+    frozen_b = sharding.param_bytes_per_device(frozen, placement, mesh)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    token_sharding = sharding.batch_sharding(tokens.shape, mesh, batch)
+    batch_b = dict.fromkeys(params_b, math.prod(token_sharding.shard_shape(tokens.shape)) * 4)
+
+    program = None
+    if compile:
+        program = compile_train_step(model, master, opt_state, frozen, mesh, batch=batch, seq_len=seq_len,
+                                     block_size=block_size, grad_accum=grad_accum, dtype=dtype,
+                                     mask_token_id=mask_token_id, moe=moe)
+    description = {"config": _config_name(config), "dtype": jnp.dtype(dtype).name,
+                   "master_dtype": jnp.dtype(master_dtype).name, "mode": "train", "placement": "train (FSDP)",
+                   "mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len, "block_size": block_size,
+                   "grad_accum": grad_accum}
+    counts = {"trainable": _count(master), "frozen": _count(frozen), "optimizer": _count(opt_state)}
+    return TrainMemoryPlan(description, params_b, optimizer_b, frozen_b, batch_b, program, compiled_on,
+                           device_memory, counts)
+
+
+def train_step_fn(model, *, block_size: int, grad_accum: int, dtype, mask_token_id: int = 3):
+    """(master, opt_state, frozen, tokens, rng) → (master, opt_state, loss): the denoiser's training step
+    with bf16 (`dtype`) compute on `master` weights cast per step, gradients and AdamW in the master dtype,
+    `grad_accum` micro-batches (rows i, i + k, ... as `training.parallel` splits them) summed in a scan."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from twotower_jax.training.loop import TrainConfig, make_optimizer
+    from twotower_jax.training.objective import diffusion_loss
+
+    optimizer = make_optimizer(TrainConfig(steps=1000, warmup_steps=0))
+
+    def loss_fn(master, frozen, tokens, rng):
+        params = jax.tree.map(lambda p: p.astype(dtype), master)
+        loss, _ = diffusion_loss(params, frozen, tokens, rng, model=model, block_size=block_size,
+                                 mask_token_id=mask_token_id)
+        return loss
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(master, opt_state, frozen, tokens, rng):
+        if grad_accum == 1:
+            loss, grads = grad_fn(master, frozen, tokens, rng)
+        else:
+            rows = tokens.shape[0] // grad_accum
+            micro = tokens.reshape(rows, grad_accum, tokens.shape[1]).swapaxes(0, 1)
+
+            def body(carry, xs):
+                loss_sum, grad_sum = carry
+                i, chunk = xs
+                loss, grads = grad_fn(master, frozen, chunk, jax.random.fold_in(rng, i))
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, master)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0), zeros), (jnp.arange(grad_accum), micro))
+            loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, master)
+        return optax.apply_updates(master, updates), opt_state, loss
+
+    return step
+
+
+def compile_train_step(model, master, opt_state, frozen, mesh, *, batch: int, seq_len: int, block_size: int,
+                       grad_accum: int = 1, dtype=None, mask_token_id: int = 3, moe: str = "ragged") -> dict:
+    """AOT-compiles the training step from shapes alone (params, optimizer state and frozen tower on the
+    training shardings, donated state, tokens over `data`) and returns XLA's per-device memory analysis:
+    {"devices", "argument", "output", "alias", "temp", "compile_seconds"}."""
+    import jax
+    import jax.numpy as jnp
+
+    from twotower_jax import sharding
+    from twotower_jax.sampling.placed import placed_model
+
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    placement = train_placement()
+    model = dataclasses.replace(model, impl=dataclasses.replace(model.impl, moe=moe))
+    model = placed_model(model, sharding.resolve("sharded" if mesh.size > 1 else "single"), mesh)
+    step = train_step_fn(model, block_size=block_size, grad_accum=grad_accum, dtype=dtype,
+                         mask_token_id=mask_token_id)
+
+    def on(tree):
+        shardings = sharding.param_shardings(tree, placement, mesh)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    args = (on(master), on(opt_state), on(frozen),
+            jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
+                                 sharding=sharding.batch_sharding((batch, seq_len), mesh, batch)),
+            jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                 sharding=sharding.replicated(mesh)))
+    out_shardings = (sharding.param_shardings(master, placement, mesh),
+                     sharding.param_shardings(opt_state, placement, mesh), sharding.replicated(mesh))
+    begin = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(step, out_shardings=out_shardings, donate_argnums=(0, 1)).lower(*args).compile()
+    stats = compiled.memory_analysis()
+    return {"devices": sharding.device_ids(mesh), "argument": int(stats.argument_size_in_bytes),
+            "output": int(stats.output_size_in_bytes), "alias": int(stats.alias_size_in_bytes),
+            "temp": int(stats.temp_size_in_bytes), "compile_seconds": time.perf_counter() - begin}
+
+
 def config_from_args(args):
     from twotower_jax import config as configs
     if args.checkpoint:
@@ -284,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--moe-impl", default="ragged", help="MoE dispatch outside expert-parallel groups")
     p.add_argument("--no-compile", action="store_true", help="params and caches only (no AOT compile)")
+    train = p.add_argument_group("training (--train: one denoiser training step instead of generation)")
+    train.add_argument("--train", action="store_true", help="plan a training step (FSDP layout; --placement unused)")
+    train.add_argument("--seq-len", type=int, default=4096, help="tokens per training row, L = N·S")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    train.add_argument("--master-dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="trainable weights and AdamW moments")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -300,6 +568,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import jax.numpy as jnp
     try:
         config = config_from_args(args)
+        if args.train:
+            plan = memory_plan_train(config, n_devices=args.devices, data=args.data, tensor=args.tensor,
+                                     batch=args.batch, seq_len=args.seq_len, block_size=args.block_size,
+                                     grad_accum=args.grad_accum, dtype=jnp.dtype(args.dtype),
+                                     master_dtype=jnp.dtype(args.master_dtype), moe=args.moe_impl,
+                                     compile=not args.no_compile, device_memory=args.device_memory)
+            print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+            return 0 if plan.fits() else 1
         plan = memory_plan(config, mode=args.mode, placement=args.placement, n_devices=args.devices,
                            data=args.data, tensor=args.tensor, batch=args.batch, context=args.context,
                            new_tokens=args.max_new_tokens, block_size=args.block_size,
