@@ -89,3 +89,34 @@ def test_bad_grad_accum_is_refused():
         parallel.check_grad_accum(0, 8)
     with pytest.raises(ValueError, match="does not split into grad_accum=3"):
         parallel.check_grad_accum(3, 8)
+
+
+def test_remat_policies_keep_loss_and_gradients():
+    import functools
+
+    import jax
+
+    from twotower_jax.config import tiny
+    from twotower_jax.tower import Impl
+    from twotower_jax.training.objective import diffusion_loss
+    from twotower_jax.two_tower import TwoTower
+
+    config = tiny(pattern="M*EM*E")
+    params = TwoTower(config, impl=Impl(moe="dense")).random_params(seed=0, scale=0.3)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 4, config.vocab_size)
+
+    def loss_and_grad(remat):
+        model = TwoTower(config, impl=Impl(moe="dense", remat=remat))
+        loss = functools.partial(diffusion_loss, model=model, block_size=8, mask_token_id=3)
+        (value, _), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+            params["denoiser"], params["context"], tokens, jax.random.key(2))
+        return value, grads
+
+    reference, reference_grads = loss_and_grad("none")
+    for remat in ("full", "dots"):
+        value, grads = loss_and_grad(remat)
+        np.testing.assert_allclose(value, reference, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        TwoTower(config, impl=Impl(remat="some")).random_params(seed=0)

@@ -33,6 +33,7 @@ from twotower_jax.ops.ssd import ScanImpl
 
 Params = dict[str, Any]
 LogitsAt = Literal["all", "last", "none"]
+RematPolicy = Literal["none", "full", "dots"]
 # Prompts longer than this are prefilled this many tokens at a time: activation memory stays bounded
 # (experiments/results/aot_memory.md: 1024 keeps the real config flat from 1k to 32k tokens on XLA:CPU).
 DEFAULT_PREFILL_CHUNK = 1024
@@ -46,6 +47,10 @@ class Impl:
     attention: AttentionImpl = "blockwise"   # "dense": the reference; "fused": cuDNN/XLA kernel where it fits
     attention_q_chunk: int = 512             # queries per online-softmax tile
     attention_k_chunk: int = 1024            # keys per online-softmax tile
+    # Rematerialisation per layer under autodiff (training memory): "none" keeps every activation,
+    # "full" keeps only each layer's input and recomputes the rest in the backward pass, "dots" also
+    # keeps the matmul outputs without batch dimensions (jax.checkpoint_policies).
+    remat: RematPolicy = "none"
 
 
 class Block(nn.Module):
@@ -128,6 +133,18 @@ def _per_block(mixer: Mamba2Mixer, x, seeds: MambaCache, valid, block_size: int)
     return out.reshape(b, length, -1)
 
 
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_block(policy: str):
+    """`Block`, or `Block` under `nn.remat` with the named policy (same params, same results)."""
+    if policy == "none":
+        return Block
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; expected 'none', {', '.join(map(repr, REMAT_POLICIES))}")
+    return nn.remat(Block, policy=REMAT_POLICIES[policy])
+
+
 class NemotronHTower(nn.Module):
     """Linen module of one tower. `__call__(tokens, cache, valid)` → (float32 logits, new cache).
 
@@ -144,7 +161,8 @@ class NemotronHTower(nn.Module):
         cfg = self.config
         self.embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="embeddings")
-        self.layers = [Block(cfg, t, self.dtype, self.param_dtype, self.impl, adaln=self.denoiser,
+        block = remat_block(self.impl.remat)
+        self.layers = [block(cfg, t, self.dtype, self.param_dtype, self.impl, adaln=self.denoiser,
                              name=f"layers_{i}") for i, t in enumerate(cfg.pattern)]
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, self.param_dtype, name="norm_f")
         self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype,
