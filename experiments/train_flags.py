@@ -13,7 +13,8 @@ def define_training_flags(*, steps: int, peak_lr: float, final_lr: float, data_s
     flags.DEFINE_integer("steps", steps, "optimizer steps")
     flags.DEFINE_integer("batch_size", 16, "sequences per step")
     flags.DEFINE_integer("seq_len", 128, "tokens per sequence (a multiple of block_size)")
-    flags.DEFINE_integer("block_size", 16, "diffusion block size S (task answers start on block boundaries)")
+    flags.DEFINE_integer("block_size", 16, "diffusion block size S (task answers start on block boundaries); "
+                     "0: no alignment (documents packed back to back, for the AR tower)")
     flags.DEFINE_float("task_fraction", 0.8, "share of task tokens (the rest: stdlib docstring corpus)")
     flags.DEFINE_float("peak_lr", peak_lr, "learning rate after warmup")
     flags.DEFINE_float("final_lr", final_lr, "learning rate at the end of the decay")
@@ -33,4 +34,4 @@ def train_config() -> TrainConfig:
 
 def data_settings() -> DataSettings:
     return DataSettings(seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size, task_fraction=FLAGS.task_fraction,
-                        block_size=FLAGS.block_size, seed=FLAGS.data_seed)
+                        block_size=FLAGS.block_size or None, seed=FLAGS.data_seed)

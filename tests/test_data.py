@@ -119,11 +119,11 @@ def test_task_answers_correct_and_bounded():
         assert len(t.prompt.encode()) <= 24 and len(t.answer.encode()) <= 15
         assert len(answer_ids(t)) <= 16
     assert {t.kind for t in tasks} == set(TASK_KINDS)
-    # The generator reaches the ends of its ranges: 2 and 12 letters, 1- and 4-digit addends.
+    # The generator reaches the ends of its ranges: 3 and 8 letters, 1- and 2-digit addends.
     letters = {len(t.answer) for t in tasks if t.kind != "add"}
-    assert min(letters) == 2 and max(letters) == 12
+    assert min(letters) == 3 and max(letters) == 8
     addends = [len(x) for t in tasks if t.kind == "add" for x in t.prompt[4:-1].split("+")]
-    assert min(addends) == 1 and max(addends) == 4
+    assert min(addends) == 1 and max(addends) == 2
 
 
 def test_task_splits_disjoint():
@@ -204,11 +204,12 @@ def test_stream_task_fraction(fraction):
     task_tokens = corpus_tokens = 0
     for step in range(3):
         for row in s.batch(step):
-            for doc in documents(row):
-                is_task = re.fullmatch(r"(copy|reverse|sort|add) [a-z0-9+]+=[a-z0-9]+",
-                                       tok.decode(doc)) is not None
-                task_tokens += is_task * (len(doc) + 2)
-                corpus_tokens += (not is_task) * (len(doc) + 2)
+            # Every token of the row counts: a row's cut-off last document (usually a long corpus
+            # chunk) is not a complete document but its tokens are in the batch.
+            row_task = sum(len(doc) + 2 for doc in documents(row)
+                           if re.fullmatch(r"(copy|reverse|sort|add) [a-z0-9+]+=[a-z0-9]+", tok.decode(doc)))
+            task_tokens += row_task
+            corpus_tokens += len(row) - row_task
     assert abs(task_tokens / (task_tokens + corpus_tokens) - fraction) < 0.1
 
 
@@ -245,6 +246,24 @@ def test_block_aligned_stream_starts_answers_on_block_boundaries():
     assert ends > 5
     with pytest.raises(ValueError, match="block_size"):
         TrainingStream(128, 4, block_size=0)
+
+
+def test_stream_answer_flags_mark_answers_and_their_filler():
+    for block_size in (None, 16, 32):
+        s = TrainingStream(128, 4, seed=5, task_fraction=0.7, block_size=block_size)
+        tokens, answers = s.batch_with_answers(3)
+        np.testing.assert_array_equal(tokens, s.batch(3))
+        assert answers.dtype == bool and answers.shape == tokens.shape and answers.any()
+        eq = tok.encode("=")[0]
+        for row, flags in zip(tokens, answers):
+            starts = np.flatnonzero(flags & ~np.concatenate([[False], flags[:-1]]))
+            for start in starts:   # every flagged run starts right after a task prompt's "="
+                assert start > 0 and row[start - 1] == eq
+            for i in np.flatnonzero(flags):
+                assert row[i] != BOS_ID
+            if block_size:   # a flagged run ends on a block boundary or at the row's end
+                ends = np.flatnonzero(flags & ~np.concatenate([flags[1:], [False]])) + 1
+                assert all(e % block_size == 0 or e == len(row) for e in ends)
 
 
 def test_corpus_ignores_what_the_process_imported_before():

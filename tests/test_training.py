@@ -155,3 +155,53 @@ def test_ar_training_reduces_loss(tmp_path):
     train(loss, params, None, batch, cfg, tmp_path)
     curve = [r["loss"] for r in read_metrics(tmp_path)]
     assert curve[-1] < 0.5 * curve[0]
+
+
+def test_variant_loss_at_spec_settings_equals_the_library_objective(two_tower):
+    from twotower_jax.training.recipes import variant_diffusion_loss
+    model, params = two_tower
+    tokens = jax.random.randint(jax.random.key(4), (2, 16), 4, model.config.vocab_size)
+    kw = dict(model=model, block_size=8, mask_token_id=MASK)
+    spec, _ = diffusion_loss(params["denoiser"], params["context"], tokens, jax.random.key(5), **kw)
+    same, _ = variant_diffusion_loss(params["denoiser"], params["context"], tokens, jax.random.key(5), t_low=1e-3,
+                                     t_high=1.0, answers_only=False, **kw)
+    assert float(same) == pytest.approx(float(spec), rel=1e-6)
+    # answers_only with every position an answer is the same loss again; with none, no masked position counts
+    everywhere = jnp.ones(tokens.shape, bool)
+    loss, _ = variant_diffusion_loss(params["denoiser"], params["context"], (tokens, everywhere), jax.random.key(5),
+                                     t_low=1e-3, t_high=1.0, answers_only=True, **kw)
+    assert float(loss) == pytest.approx(float(spec), rel=1e-6)
+    loss, _ = variant_diffusion_loss(params["denoiser"], params["context"], (tokens, ~everywhere), jax.random.key(5),
+                                     t_low=1e-3, t_high=1.0, answers_only=True, **kw)
+    assert float(loss) == 0.0
+
+
+def test_curriculum_stages_switch_block_size_and_loss_by_step(tmp_path):
+    from twotower_jax.training.loop import Stage, stage_at
+    from twotower_jax.training.recipes import DataSettings, DenoiserRecipe, denoiser_stages
+    model = TwoTower(tiny(chunk_size=4), impl=Impl(moe="dense"))
+    data = DataSettings(seq_len=64, batch_size=2, block_size=16, task_fraction=1.0)
+    stages = denoiser_stages(model, data, 10, DenoiserRecipe(curriculum=((32, 0.4),)))
+    assert [s.until_step for s in stages] == [4, 10]
+    assert [s.loss_fn.keywords["block_size"] for s in stages] == [32, 16]
+    assert stages[0].loss_fn.func is diffusion_loss   # SPEC settings: the library objective itself
+    assert [stage_at(stages, k).until_step for k in (1, 4, 5, 10)] == [4, 4, 10, 10]
+    np.testing.assert_array_equal(stages[0].batch_fn(7), data.stream(32).batch(7))
+    np.testing.assert_array_equal(stages[1].batch_fn(7), data.stream(16).batch(7))
+    # train runs the stages in order (each step logged once) and rejects a curriculum plus a batch_fn
+    calls = []
+
+    def loss(name):
+        def fn(params, frozen, tokens, rng):
+            calls.append(name)
+            value = jnp.sum(params["w"] ** 2)
+            return value, {"loss": value}
+        return fn
+
+    cfg = TrainConfig(steps=4, warmup_steps=1, log_every=1, save_every=4)
+    batch = lambda step: np.zeros((1, 2), np.int32)   # noqa: E731
+    train([Stage(2, loss("a"), batch), Stage(4, loss("b"), batch)], {"w": jnp.ones(3)}, None, None, cfg, tmp_path)
+    assert calls == ["a", "b"]   # each traced once: one compiled step per stage
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="Stage"):
+        train([Stage(4, loss("a"), batch)], {"w": jnp.ones(3)}, None, batch, cfg, tmp_path / "x")

@@ -84,12 +84,14 @@ class TrainingStream:
         return [(_BOS_BYTE + t.prompt.encode(), t.answer.encode() + _EOS_BYTE)
                 for t in draw_tasks(rng, kinds, "train")]
 
-    def _lay_out(self, row_length: int, prompt: bytes, answer: bytes) -> bytes:
+    def _lay_out(self, row_length: int, prompt: bytes, answer: bytes) -> tuple[bytes, bytes]:
+        """The document's bytes and its answer flags (1 on the answer and the filler after it)."""
         if self.block_size is None:
-            return prompt + answer
+            return prompt + answer, b"\x00" * len(prompt) + b"\x01" * len(answer)
         before = -(row_length + len(prompt)) % self.block_size
         after = -len(answer) % self.block_size
-        return _EOS_BYTE * before + prompt + answer + _EOS_BYTE * after
+        return (_EOS_BYTE * before + prompt + answer + _EOS_BYTE * after,
+                b"\x00" * (before + len(prompt)) + b"\x01" * (len(answer) + after))
 
     def _corpus_docs(self, rng: np.random.Generator) -> list[bytes]:
         lengths = rng.integers(self.chunk_bytes[0], self.chunk_bytes[1] + 1, _DRAW)
@@ -97,15 +99,16 @@ class TrainingStream:
         return [_BOS_BYTE + self._corpus[s:s + n] + _EOS_BYTE
                 for s, n in zip(starts.tolist(), lengths.tolist())]
 
-    def batch(self, step: int) -> np.ndarray:
-        """The batch for ``step``: int32 ``(batch_size, seq_len)``."""
+    def _rows(self, step: int) -> tuple[bytes, bytes]:
+        """(row bytes, answer flags) of the whole batch: one flag byte per token, 1 on a task's
+        ``answer [EOS]`` and on the EOS filler after it, 0 elsewhere."""
         rng = seeded_rng("TrainingStream", self.seed, int(step))
-        tasks: list[bytes] = []
+        tasks: list[tuple[bytes, bytes]] = []
         chunks: list[bytes] = []
         task_tokens = corpus_tokens = 0
-        rows = []
+        rows, flags = [], []
         for _ in range(self.batch_size):
-            row = b""
+            row, flag = b"", b""
             while len(row) < self.seq_len:
                 is_task = task_tokens < self.task_fraction * (task_tokens + corpus_tokens + 1)
                 queue = tasks if is_task else chunks
@@ -113,16 +116,33 @@ class TrainingStream:
                     queue.extend(self._task_docs(rng) if is_task else self._corpus_docs(rng))
                 doc = queue.pop()
                 if is_task:
-                    doc = self._lay_out(len(row), *doc)
-                doc = doc[: self.seq_len - len(row)]
+                    doc, doc_flag = self._lay_out(len(row), *doc)
+                else:
+                    doc_flag = b"\x00" * len(doc)
+                room = self.seq_len - len(row)
+                doc, doc_flag = doc[:room], doc_flag[:room]
                 row += doc
+                flag += doc_flag
                 if is_task:
                     task_tokens += len(doc)
                 else:
                     corpus_tokens += len(doc)
             rows.append(row)
-        raw = np.frombuffer(b"".join(rows), np.uint8)
+            flags.append(flag)
+        return b"".join(rows), b"".join(flags)
+
+    def batch(self, step: int) -> np.ndarray:
+        """The batch for ``step``: int32 ``(batch_size, seq_len)``."""
+        raw = np.frombuffer(self._rows(step)[0], np.uint8)
         return _BYTE_TO_ID[raw].reshape(self.batch_size, self.seq_len)
+
+    def batch_with_answers(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(batch(step), answers)``: ``answers`` is bool ``(batch_size, seq_len)``, True on the tokens
+        a task's answer occupies (``answer [EOS]`` and, with ``block_size``, the EOS filler up to the
+        block's end: what the sampler generates). For loss variants restricted to answers."""
+        raw, flags = self._rows(step)
+        tokens = _BYTE_TO_ID[np.frombuffer(raw, np.uint8)].reshape(self.batch_size, self.seq_len)
+        return tokens, np.frombuffer(flags, np.uint8).reshape(self.batch_size, self.seq_len).astype(bool)
 
 
 def prompt_ids(task: Task) -> list[int]:

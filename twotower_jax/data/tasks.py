@@ -5,12 +5,16 @@ Format (prompt -> answer; the model reads ``[BOS] prompt`` and must write ``answ
     copy    "copy qzkw="          -> "qzkw"         the letters unchanged
     reverse "reverse qzkw="       -> "wkzq"         the letters reversed
     sort    "sort qzkw="          -> "kqwz"         the letters in alphabetical order
-    add     "add 907+4521="       -> "5428"         decimal sum, no leading zeros
+    add     "add 97+45="          -> "142"          decimal sum, no leading zeros
 
-Letters are 2..12 lowercase ASCII letters (repeats allowed); addends have 1..4 digits (the digit
+Letters are 3..8 lowercase ASCII letters (repeats allowed); addends have 1..2 digits (the digit
 count uniform, then the value uniform among numbers of that many digits, so short ones are common).
-The kind word makes every prompt unambiguous and "=" marks where the answer starts. Prompts are
-at most 21 bytes and answers at most 12, so ``answer + EOS`` fits one 16-token diffusion block.
+Short strings and addends keep every task within reach of the miniature demo model (hidden 64, trained
+minutes on a CPU; its attention has no positional encoding, so copying long strings is what it finds
+hardest): each answer is a deterministic function of the prompt that a tiny model can compute exactly,
+which is what lets a denoiser fill several answer positions per pass with confidence. The kind word
+makes every prompt unambiguous and "=" marks where the answer starts. Prompts are at most 17 bytes and
+answers at most 8, so ``answer + EOS`` fits one 16-token diffusion block (and one of 8).
 
 Split: an instance is held out iff the CRC32 of its prompt falls in one fixed bucket of ten. The
 train split never yields a held-out prompt, so train and held-out are disjoint by construction
@@ -30,8 +34,8 @@ from twotower_jax.data.tokenizer import EOS_ID, ByteTokenizer
 
 TASK_KINDS = ("copy", "reverse", "sort", "add")
 SPLITS = ("train", "heldout")
-MIN_LETTERS, MAX_LETTERS = 2, 12
-MAX_DIGITS = 4
+MIN_LETTERS, MAX_LETTERS = 3, 8
+MAX_DIGITS = 2
 MAX_PROMPT_BYTES = 24
 MAX_ANSWER_BYTES = 15
 HELDOUT_BUCKETS = 10

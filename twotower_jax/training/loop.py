@@ -14,18 +14,36 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 from twotower_jax.progress import Progress
 
 LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
+BatchFn = Callable[[int], Any]
 METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a curriculum: steps up to and including `until_step` use `loss_fn` on `batch_fn`'s
+    batches (e.g. the denoiser's block size 32, then 16). The optimizer state and the learning-rate
+    schedule run on across stages."""
+    until_step: int
+    loss_fn: LossFn
+    batch_fn: BatchFn
+
+
+def stage_at(stages, step: int) -> Stage:
+    """The stage that trains step `step` (1-based); the last stage covers any later step."""
+    for stage in stages:
+        if step <= stage.until_step:
+            return stage
+    return stages[-1]
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -127,11 +145,15 @@ def _to_float(tree) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def train(loss_fn: LossFn, params: Any, frozen: Any, batch_fn: Callable[[int], np.ndarray], cfg: TrainConfig,
+def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn: Optional[BatchFn], cfg: TrainConfig,
           workdir: str | Path, *, stop_after: Optional[int] = None, progress: Optional[bool] = None,
           on_log: Optional[Callable[[dict], None]] = None) -> Any:
     """Trains `params` for `cfg.steps` steps (resuming from the newest checkpoint in `workdir` if any) and
     returns the final params. Saves every `save_every` steps and at the end; logs every `log_every`.
+
+    `loss_fn` is one loss for every step (with `batch_fn`), or a curriculum: a sequence of `Stage`s
+    (then `batch_fn` is None), each step trained by the stage it falls in (`stage_at`). A batch may be
+    an array or a tuple of arrays (passed to the loss as they come).
 
     `stop_after=k` stops after step k as an interruption would (after saving), for tests and for
     splitting long runs. Steps are numbered 1..steps; step s trains on `batch_fn(s - 1)`.
@@ -150,13 +172,17 @@ def train(loss_fn: LossFn, params: Any, frozen: Any, batch_fn: Callable[[int], n
             state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
             params, opt_state, done = state["params"], state["opt_state"], latest
         log = MetricsLog(workdir / METRICS_FILE, done)
-        step_fn = make_train_step(loss_fn, cfg)
+        stages = [Stage(cfg.steps, loss_fn, batch_fn)] if callable(loss_fn) else list(loss_fn)
+        if not stages or (batch_fn is not None and not callable(loss_fn)):
+            raise ValueError("train needs a loss and batch_fn, or a non-empty sequence of Stages and batch_fn=None")
         base_key = jax.random.key(cfg.seed)
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         bar = Progress(cfg.steps, progress, unit="steps", start=done)
         started = time.perf_counter()
         for step in range(done + 1, last + 1):
-            tokens = jnp.asarray(batch_fn(step - 1))
+            stage = stage_at(stages, step)
+            step_fn = make_train_step(stage.loss_fn, cfg)
+            tokens = jax.tree.map(jnp.asarray, stage.batch_fn(step - 1))
             params, opt_state, metrics = step_fn(params, opt_state, frozen, tokens,
                                                  jax.random.fold_in(base_key, step), step - 1)
             if step % cfg.log_every == 0 or step == last:

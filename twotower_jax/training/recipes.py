@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from twotower_jax.checkpoint.hf import TOWER, TWO_TOWER
 from twotower_jax.checkpoint.load import load_checkpoint
@@ -25,8 +27,9 @@ from twotower_jax.checkpoint.orbax_io import save_params_orbax
 from twotower_jax.config import NemotronHConfig, tiny
 from twotower_jax.data import MASK_ID, PADDED_VOCAB_SIZE, TrainingStream
 from twotower_jax.tower import Impl, NemotronH
-from twotower_jax.training.loop import TrainConfig, train
-from twotower_jax.training.objective import ar_loss, diffusion_loss
+from twotower_jax.training.loop import Stage, TrainConfig, train
+from twotower_jax.training.objective import (T_MIN, ar_loss, blockwise_context, denoiser_logits, diffusion_loss,
+                                             masked_mean)
 from twotower_jax.two_tower import TwoTower, identity_adaln_params, two_tower_params_from_tower
 
 CHECKPOINT = "checkpoint"
@@ -54,12 +57,53 @@ class DataSettings:
     seq_len: int = 128
     batch_size: int = 32
     task_fraction: float = 0.7
-    block_size: int = 16      # task answers start on block boundaries (TrainingStream)
+    block_size: Optional[int] = 16   # task answers start on block boundaries (TrainingStream); None: packed
     seed: int = 0
 
-    def stream(self) -> TrainingStream:
+    def stream(self, block_size: Optional[int] = -1) -> TrainingStream:
+        """The stream, laid out for `block_size` (default: this setting's)."""
         return TrainingStream(self.seq_len, self.batch_size, self.seed, task_fraction=self.task_fraction,
-                              block_size=self.block_size)
+                              block_size=self.block_size if block_size == -1 else block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserRecipe:
+    """How the denoiser trains beyond the optimizer settings. The defaults are SPEC §5 at one block size;
+    the rest are the experiment's variants, each named in its results.
+
+    curriculum: ((block size, fraction of the steps), ...) trained before the final `data.block_size`,
+      e.g. ((32, 0.5),): the first half of the steps with blocks of 32, the rest with 16 (the release's
+      32 → 16). Every stage lays the data out for its own block size.
+    t_low, t_high: t ~ U[t_low, t_high] per example (SPEC: U[1e-3, 1]).
+    answers_only: the loss averages over masked answer positions only (a task's answer, its EOS and the
+      filler after it) instead of every masked position (SPEC: all text).
+    """
+    curriculum: tuple[tuple[int, float], ...] = ()
+    t_low: float = T_MIN
+    t_high: float = 1.0
+    answers_only: bool = False
+
+    def is_spec_objective(self) -> bool:
+        return self.t_low == T_MIN and self.t_high == 1.0 and not self.answers_only
+
+
+def variant_diffusion_loss(denoiser_params, context_params, batch, rng, *, model: TwoTower, block_size: int,
+                           mask_token_id: int, t_low: float, t_high: float, answers_only: bool):
+    """The SPEC §5 objective with the experiment's variants (`DenoiserRecipe`): t ~ U[t_low, t_high], and
+    with `answers_only` the mean over masked answer positions (`batch` = (tokens, answers)). Built from
+    the library objective's pieces; with the SPEC settings it equals `diffusion_loss`."""
+    tokens, answers = batch if answers_only else (batch, None)
+    t_rng, mask_rng = jax.random.split(rng)
+    t = jax.random.uniform(t_rng, (tokens.shape[0],), jnp.float32, t_low, t_high)
+    masked = jax.random.uniform(mask_rng, tokens.shape) < t[:, None]
+    noisy = jnp.where(masked, mask_token_id, tokens)
+    context = blockwise_context(model.context, context_params, tokens, block_size)
+    logits = denoiser_logits(model, denoiser_params, noisy, context, t)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+    scored = masked if answers is None else masked & answers
+    loss = masked_mean(ce, scored)
+    accuracy = masked_mean(jnp.argmax(logits, -1) == tokens, scored)
+    return loss, {"loss": loss, "masked_accuracy": accuracy, "masked_fraction": masked.mean()}
 
 
 def _write_run(workdir: Path, **record) -> None:
@@ -86,23 +130,46 @@ def train_ar_tower(workdir: str | Path, train_cfg: TrainConfig, data: DataSettin
     return workdir / CHECKPOINT
 
 
+def denoiser_stages(model: TwoTower, data: DataSettings, steps: int, recipe: DenoiserRecipe) -> list[Stage]:
+    """The curriculum as `loop.Stage`s: each (block size, fraction) of `recipe.curriculum`, then
+    `data.block_size` for the remaining steps."""
+    stages, until = [], 0
+    for block_size, fraction in (*recipe.curriculum, (data.block_size, None)):
+        until = steps if fraction is None else until + int(round(fraction * steps))
+        if data.seq_len % block_size:
+            raise ValueError(f"seq_len {data.seq_len} is not a multiple of the curriculum's block size {block_size}")
+        stream = data.stream(block_size)
+        if recipe.is_spec_objective():
+            loss = functools.partial(diffusion_loss, model=model, block_size=block_size, mask_token_id=MASK_ID)
+        else:
+            loss = functools.partial(variant_diffusion_loss, model=model, block_size=block_size,
+                                     mask_token_id=MASK_ID, t_low=recipe.t_low, t_high=recipe.t_high,
+                                     answers_only=recipe.answers_only)
+        batches = stream.batch_with_answers if recipe.answers_only else stream.batch
+        stages.append(Stage(min(until, steps), loss, batches))
+    return stages
+
+
 def train_denoiser(context_checkpoint: str | Path, workdir: str | Path, train_cfg: TrainConfig,
-                   data: DataSettings = DataSettings(), *, stop_after: Optional[int] = None,
-                   progress: Optional[bool] = None, on_log: Optional[Callable] = None) -> Path:
+                   data: DataSettings = DataSettings(), *, recipe: DenoiserRecipe = DenoiserRecipe(),
+                   stop_after: Optional[int] = None, progress: Optional[bool] = None,
+                   on_log: Optional[Callable] = None) -> Path:
     """Trains the denoiser of a TwoTower built on a frozen AR tower checkpoint; returns the TwoTower
-    checkpoint path (None if stopped early). Blocks of `data.block_size`."""
+    checkpoint path (None if stopped early). Blocks of `data.block_size` (after `recipe.curriculum`)."""
     workdir = Path(workdir)
     kind, config, context = load_checkpoint(context_checkpoint)
     if kind != TOWER:
         raise ValueError(f"{context_checkpoint}: expected a single-tower checkpoint, got {kind}")
+    if data.block_size is None:
+        raise ValueError("the denoiser trains on blocks: data.block_size must be set")
     model = TwoTower(config, impl=Impl())
     adaln = identity_adaln_params(model, jax.random.key(train_cfg.seed))
     params = two_tower_params_from_tower(context, adaln)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_run(workdir, stage="denoiser", context_checkpoint=str(context_checkpoint),
-               train=dataclasses.asdict(train_cfg), data=dataclasses.asdict(data))
-    loss = functools.partial(diffusion_loss, model=model, block_size=data.block_size, mask_token_id=MASK_ID)
-    denoiser = train(loss, params["denoiser"], params["context"], data.stream().batch, train_cfg, workdir,
+               train=dataclasses.asdict(train_cfg), data=dataclasses.asdict(data), recipe=dataclasses.asdict(recipe))
+    stages = denoiser_stages(model, data, train_cfg.steps, recipe)
+    denoiser = train(stages, params["denoiser"], params["context"], None, train_cfg, workdir,
                      stop_after=stop_after, progress=progress, on_log=on_log)
     if stop_after is not None and stop_after < train_cfg.steps:
         return None
