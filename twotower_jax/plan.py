@@ -327,6 +327,9 @@ class TrainMemoryPlan:
         temp_note = (f"activations: XLA memory analysis of the step compiled on {self.compiled_on} "
                      f"(compile {self.program['compile_seconds']:.0f} s)" if self.program
                      else "activations: not compiled (--no-compile)")
+        if self.program and self.compiled_on and self.compiled_on.startswith("cpu") and "E" in d["pattern"]:
+            temp_note += ("\nnote: XLA:CPU expands the MoE dispatch over all experts (ragged_dot: ~139 GB of scratch per "
+                          "MoE layer for one 4096-token row of the real config); a GPU/TPU compile is the number to use")
         lines = [head, counts, temp_note, "", "| device | params | optimizer | frozen | batch | activations | total |",
                  "|---|---|---|---|---|---|---|"]
         rows: dict[tuple, list[int]] = {}
@@ -432,7 +435,7 @@ def memory_plan_train(config, *, n_devices: int = 1, data: int = 1, tensor: int 
     description = {"config": _config_name(config), "dtype": jnp.dtype(dtype).name,
                    "master_dtype": jnp.dtype(master_dtype).name, "mode": "train", "placement": "train (FSDP)",
                    "mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len, "block_size": block_size,
-                   "grad_accum": grad_accum}
+                   "grad_accum": grad_accum, "pattern": config.pattern, "moe": moe}
     counts = {"trainable": _count(master), "frozen": _count(frozen), "optimizer": _count(opt_state)}
     return TrainMemoryPlan(description, params_b, optimizer_b, frozen_b, batch_b, program, compiled_on,
                            device_memory, counts)
