@@ -55,9 +55,18 @@ def whole_generations(model, params, prompt, new_tokens: int, block_sizes, round
 
 def piece_costs(model, params, prompt, block_size: int, new_tokens: int, rounds: int) -> dict:
     """Median µs of one decode step, one denoiser pass over `block_size` positions and one context
-    extension over them, each from a compiled loop of n dependent calls minus a loop of none, with the
-    cache capacity the samplers use (prompt + new tokens: attention reads all of it). n: as many decode
-    steps and extensions as fit that capacity, 16 denoiser passes."""
+    extension over them, each from a compiled loop of n dependent calls minus the same program with none,
+    with the cache capacity the samplers use (prompt + new tokens: attention reads all of it). n: as many
+    decode steps and extensions as fit that capacity, 16 denoiser passes.
+
+    Every piece's output is used, as in the samplers: each decode step's argmax is the next step's token
+    and each denoiser pass's logits are reduced (max over all positions and the vocabulary) into the carry,
+    so XLA cannot drop the LM head or the layers that feed only it (an earlier version discarded the
+    logits: the demo pattern ends in a MoE layer whose output reaches only the LM head, so both were
+    removed and a decode step looked about half as costly as it is). Extensions keep the samplers'
+    `logits_at="none"`: the samplers never read those logits, so the trailing MoE layer and the head are
+    legitimately skipped there too. Each program also returns the cache, so its prefill is never dropped
+    from the n = 0 baseline."""
     capacity = PROMPT_WIDTH + new_tokens
     loops = {"decode_step": new_tokens, "denoiser_pass": 16, "extend": new_tokens // block_size}
     tokens = jnp.asarray([prompt + [0] * (PROMPT_WIDTH - len(prompt))], jnp.int32)
@@ -65,20 +74,22 @@ def piece_costs(model, params, prompt, block_size: int, new_tokens: int, rounds:
     block = jnp.full((1, block_size), MASK_ID, jnp.int32)
 
     def prefilled(p):
-        return model.context.prefill(p["context"], tokens, valid, capacity=capacity)[1]
+        return model.context.prefill(p["context"], tokens, valid, capacity=capacity, logits_at="none")[1]
 
     def decode(p, n):
-        step = lambda i, c: model.context.decode_step(p["context"], jnp.full((1,), 70, jnp.int32), c)[1]
-        return jax.lax.fori_loop(0, n, step, prefilled(p))
+        def step(i, carry):
+            logits, cache = model.context.decode_step(p["context"], carry[0], carry[1])
+            return jnp.argmax(logits, -1).astype(jnp.int32), cache
+        return jax.lax.fori_loop(0, n, step, (jnp.full((1,), 70, jnp.int32), prefilled(p)))
 
     def denoise(p, n):
         cache = prefilled(p)
         # The canvas depends on the carry, so XLA cannot hoist the (otherwise loop-invariant) pass.
-        step = lambda i, x: x + model.denoise(p, block + (x > 1e30), cache, jnp.ones((1,)))[0, 0, 0]
-        return jax.lax.fori_loop(0, n, step, 0.0)
+        step = lambda i, x: x + jnp.max(model.denoise(p, block + (x > 1e30), cache, jnp.ones((1,))))
+        return cache, jax.lax.fori_loop(0, n, step, 0.0)
 
     def extend(p, n):
-        step = lambda i, c: model.context.extend(p["context"], block, c)[1]
+        step = lambda i, c: model.context.extend(p["context"], block, c, logits_at="none")[1]
         return jax.lax.fori_loop(0, n, step, prefilled(p))
 
     compiled = {(name, n): jax.jit(functools.partial(fn, n=n)).lower(params).compile()

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from twotower_jax.cache import init_cache
-from twotower_jax.sampling.placed import compile_pieces, on, placed_model, placement_mesh, run_placed
+from twotower_jax.sampling.placed import (compile_pieces, on, placed_model, placed_params, placement_mesh,
+                                          run_placed)
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
 from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, select_tokens, token_logprobs
 from twotower_jax.sharding import (
@@ -196,7 +197,7 @@ def _mock_ar_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh,
     def denoiser_at(tree):
         return batch_shardings(tree, denoiser_mesh, batch)
 
-    placed = place_params(params, "towers", mesh)
+    placed = placed_params(params, "towers", mesh).placed
     context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
     rules = _rules(model, max_new_tokens, sampling, eos_token_id)
     first_fed = tokens[:, -1]

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twotower_jax.sampling.placed import compile_pieces, on, placed_model, placement_mesh, run_placed
+from twotower_jax.sampling.placed import (compile_pieces, on, placed_model, placed_params, placement_mesh,
+                                          run_placed)
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, left_pad, row_seeds
 from twotower_jax.sampling.tokens import fold_rows, row_keys
 from twotower_jax.sharding import PlacementLike, batch_shardings, constrain_batch, place_params, resolve, tower_mesh
@@ -248,7 +249,7 @@ def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, thr
     def denoiser_at(tree):
         return batch_shardings(tree, denoiser_mesh, batch)
 
-    placed = place_params(params, "towers", mesh)
+    placed = placed_params(params, "towers", mesh).placed
     context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
     tokens, valid = jax.device_put((tokens, valid), context_at((tokens, valid)))
     seeds, threshold = jax.device_put((seeds, threshold), denoiser_at((seeds, threshold)))

@@ -8,14 +8,18 @@ compiles those ahead of time so compile time is never counted as run time.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import time
+import weakref
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 
-from twotower_jax.sampling.timing import compile_and_run, compiled_for
+from twotower_jax.sampling.timing import compile_and_run, compiled_for, signature
 from twotower_jax.sharding import (
     EXPERT_AXIS, Placement, batch_shardings, check_mesh, make_mesh, param_shardings, place_params,
     replicated, tower_mesh)
@@ -32,13 +36,91 @@ def _placed_jit(loop: Callable, statics: tuple, placement: Placement, mesh: jax.
                    out_shardings=replicated(mesh))
 
 
+# Host-side fast path. A generation call used to place the params (`device_put` over every leaf, a no-op
+# copy-wise but ~100 leaves of Python work), derive their shardings and the compiled executable's
+# signature from every leaf, each call: 5-15 ms of host time per generation at batch 1 on the 2-core CPU,
+# more than the demo model's whole generation (experiments/results/overhead_cpu.md). Now the placed params,
+# their signature and the jitted programs are kept per params tree (by the identity of its leaves, checked
+# through weak references: an entry dies with the caller's arrays) and per-call work is on the few small
+# batch inputs only. `FAST_PATH = False` restores the old per-call path (kept for that comparison).
+FAST_PATH = True
+_MAX_PLACED = 4
+
+
+class _Placed:
+    """One params tree placed for a (placement, mesh): the placed tree, its compiled-signature part, and the
+    jitted programs and input shardings made for it."""
+
+    def __init__(self, placed, refs):
+        self.placed, self.refs = placed, refs
+        self.signature = signature(placed)
+        self.leaf_specs = tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(placed))
+        self.jitted: dict = {}
+
+
+_placed: "collections.OrderedDict[tuple, _Placed]" = collections.OrderedDict()
+
+
+def _forget(key, _ref=None):
+    _placed.pop(key, None)
+
+
+def placed_params(params, placement: Placement, mesh: jax.sharding.Mesh) -> _Placed:
+    """`place_params(params, placement, mesh)`, kept while the caller's leaves live (`_Placed`)."""
+    leaves, treedef = jax.tree.flatten(params)
+    key = (placement, mesh, treedef, tuple(map(id, leaves)))
+    entry = _placed.get(key)
+    if entry is not None and all(ref() is leaf for ref, leaf in zip(entry.refs, leaves)):
+        _placed.move_to_end(key)
+        return entry
+    placed = place_params(params, placement, mesh)
+    try:
+        refs = tuple(weakref.ref(leaf, functools.partial(_forget, key)) for leaf in leaves)
+    except TypeError:   # a leaf without weak references (e.g. a Python scalar): not kept
+        return _Placed(placed, ())
+    entry = _placed[key] = _Placed(placed, refs)
+    if len(_placed) > _MAX_PLACED:
+        _placed.popitem(last=False)
+    return entry
+
+
+def _input_shardings(inputs, mesh):
+    batch = inputs[0].shape[0] if inputs and getattr(inputs[0], "ndim", 0) else None
+    return tuple(batch_shardings(list(inputs), mesh, batch))
+
+
 def run_placed(loop: Callable, placement: Placement, mesh: jax.sharding.Mesh, params, *inputs, **statics):
     """Runs `loop(params, *inputs, **statics)` compiled over `mesh`: params placed by the placement's rules,
     inputs whose first dimension is the batch (that of the first input) split over `data`, the other inputs
     and every output replicated. Returns (outputs, compile_seconds, run_seconds)."""
+    if not FAST_PATH:
+        return _run_placed_legacy(loop, placement, mesh, params, *inputs, **statics)
+    entry = placed_params(params, placement, mesh)
+    if not entry.refs:
+        return _run_placed_legacy(loop, placement, mesh, params, *inputs, **statics)
+    input_sig = tuple((np.shape(x), np.result_type(x).str) for x in inputs)
+    job = (loop, tuple(sorted(statics.items())), input_sig)
+    kept = entry.jitted.get(job)
+    if kept is None:
+        input_shardings = _input_shardings(inputs, mesh)
+        treedef = jax.tree.structure(entry.placed)
+        fn = _placed_jit(loop, job[1], placement, mesh, treedef, entry.leaf_specs, input_shardings)
+        with jax.set_mesh(mesh):  # the expert_parallel MoE finds its mesh axis here while tracing
+            compiled, compile_s = compiled_for(fn, entry.placed, *jax.device_put(inputs, input_shardings))
+        kept = entry.jitted[job] = (compiled, input_shardings)
+    else:
+        compile_s = 0.0
+    compiled, input_shardings = kept
+    inputs = jax.device_put(inputs, input_shardings)
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(compiled(entry.placed, *inputs))
+    return outputs, compile_s, time.perf_counter() - start
+
+
+def _run_placed_legacy(loop: Callable, placement: Placement, mesh: jax.sharding.Mesh, params, *inputs, **statics):
+    """The per-call path: params placed, shardings and signature derived from every leaf, each call."""
     params = place_params(params, placement, mesh)
-    batch = inputs[0].shape[0] if inputs and getattr(inputs[0], "ndim", 0) else None
-    input_shardings = tuple(batch_shardings(list(inputs), mesh, batch))
+    input_shardings = _input_shardings(inputs, mesh)
     inputs = jax.device_put(inputs, input_shardings)
     leaves, treedef = jax.tree.flatten(params)
     fn = _placed_jit(loop, tuple(sorted(statics.items())), placement, mesh, treedef,

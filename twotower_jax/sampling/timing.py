@@ -17,7 +17,7 @@ _MAX_COMPILED = 256
 _compiled: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 
 
-def _signature(args) -> tuple:
+def signature(args) -> tuple:
     """What a compiled executable is specific to: the tree structure and each leaf's shape, dtype,
     weak type and placement (arrays, numpy arrays or `jax.ShapeDtypeStruct`s)."""
     leaves, treedef = jax.tree.flatten(args)
@@ -27,7 +27,7 @@ def _signature(args) -> tuple:
 
 def compiled_for(jitted, *args):
     """Returns (compiled executable of `jitted` for `args`, seconds spent compiling it now: 0 when kept)."""
-    key = (jitted, _signature(args))
+    key = (jitted, signature(args))
     if key in _compiled:
         _compiled.move_to_end(key)
         return _compiled[key], 0.0
