@@ -383,6 +383,6 @@ def generate_self_speculative(
         "seconds": run_s,
         "compile_seconds": compile_s,
         "placement": requested,
-        "rollback": rollback,
+        "rollback": spec.rollback,
     }
     return GenerationResult(toks, logps, stats)
