@@ -88,3 +88,32 @@ def test_generate_until_honours_until_across_blocks_in_every_mode(mode):
     assert checked or mode == "mock_ar"
     rolling = lm.loglikelihood_rolling([SimpleNamespace(args=("copy abc=abc",))])
     assert rolling[0] == pytest.approx(engine.loglikelihood_rolling(["copy abc=abc"], max_length=2048)[0])
+
+
+def test_two_processes_score_like_one(evaluated, tmp_path):
+    """lm-eval data parallel: 2 processes (jax.distributed, one CPU device each), rank/world_size from jax,
+    gathers through its key-value store; process 0 writes the same metrics as the 1-process run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    write_tasks(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=2", "--xla_force_host_platform_device_count=1"))
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "twotower_jax.evaluate", "--checkpoint", "demo", "--tasks",
+         "demo_copy_mc,demo_copy_gen", "--include-path", str(tmp_path), "--limit", "4", "--output-path",
+         str(tmp_path / "out"), "--model-args", "mode=diffusion,block_size=4,steps_per_block=4,confidence_threshold=0.8",
+         "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(k)],
+        cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for k in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    two = json.loads((tmp_path / "out" / "results.json").read_text())
+    for task, metric in (("demo_copy_mc", "acc,none"), ("demo_copy_gen", "exact_match,none")):
+        assert two["results"][task][metric] == evaluated["results"][task][metric]
+    assert two["config"]["model"] == "twotower"

@@ -219,3 +219,24 @@ def test_compiled_executables_are_kept_per_argument_signature():
     out, compile_s, run_s = compile_and_run(double, jnp.arange(3.0))
     np.testing.assert_array_equal(out, [0.0, 2.0, 4.0])
     assert compile_s == 0.0 and run_s > 0.0
+
+
+def test_cli_stop_strings_and_request_streams(checkpoint, capsys):
+    """--stop cuts each row before the first occurrence (a text one spanning tokens); --streams request gives
+    request r the stream fold_in(key(seed), r), the engine's and batch_generate's."""
+    from twotower_jax.sampling.prompts import request_key_data
+    out = run_cli(capsys, "--checkpoint", "demo", "--prompt", "copy abcdefgh=", "--max-new-tokens", "12",
+                  "--stop", "def", "--stop", "zzz", "--json")
+    free = run_cli(capsys, "--checkpoint", "demo", "--prompt", "copy abcdefgh=", "--max-new-tokens", "12", "--json")
+    cut = free["text"][0].index("def")
+    assert out["text"] == [free["text"][0][:cut]] and out["finish_reason"] == ["stop"]
+    assert out["tokens"][0] == free["tokens"][0][:cut + 3]
+    directory, params = checkpoint
+    argv = ["--checkpoint", str(directory), "--prompt-ids", "5,6,7", "--prompt-ids", "9", "--max-new-tokens", "6",
+            "--eos-token-id", "-1", "--temperature", "1.0", "--seed", "4", "--json"]
+    sampled = run_cli(capsys, *argv, "--streams", "request")
+    expected = generate_ar(NemotronH(CONFIG), params, [[5, 6, 7], [9]], 6, temperature=1.0, prompt_width=16,
+                           seed=request_key_data(4, [0, 1]))
+    assert sampled["tokens"] == expected.tokens
+    assert run_cli(capsys, *argv)["tokens"] == generate_ar(NemotronH(CONFIG), params, [[5, 6, 7], [9]], 6,
+                                                           temperature=1.0, prompt_width=16, seed=4).tokens

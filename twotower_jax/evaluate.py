@@ -10,6 +10,29 @@ files, or datasets already in the local HF cache). Writes lm-eval's results JSON
 OUT/results.json for a directory) and prints lm-eval's table. Needs the `eval` extra (`pip install
 twotower-jax[eval]`). With `--coordinator-address --num-processes --process-id` (or `--distributed`) each
 process evaluates its share of every task (lm-eval's rank/world_size) and process 0 writes the results.
+
+The release's benchmarks on a GPU/TPU machine that has the datasets in its Hugging Face cache (or as local
+files behind `--include-path` YAMLs) and the converted checkpoint (`python -m convert`, bf16):
+
+    pip install -e '.[eval]'            # plus the machine's jax[cuda]/jax[tpu]
+    for MODE in "mode=ar" "mode=diffusion,confidence_threshold=0.8,block_size=16,steps_per_block=16" \
+                "mode=self_speculative,block_size=16"; do
+      python -m twotower_jax.evaluate --checkpoint ckpt/ \
+          --tasks mmlu,mmlu_pro,arc_challenge,winogrande,race,gsm8k,minerva_math500,mgsm_direct,global_mmlu_lite \
+          --model-args "$MODE,placement=towers,max_length=4096,max_gen_toks=512" --batch-size 32 \
+          --output-path results/$MODE
+      HF_ALLOW_CODE_EVAL=1 python -m twotower_jax.evaluate --checkpoint ckpt/ --tasks humaneval,mbpp \
+          --model-args "$MODE,placement=towers" --confirm-run-unsafe-code --output-path results/code-$MODE
+    done
+
+(task names as in lm-eval 0.4.13: check `lm_eval --tasks list`; the release's few-shot counts and prompts
+are its own — set `--num-fewshot` per task to match the paper's table.) `placement=towers` puts each tower
+on its own GPU group (2 × H100 for the 30B-A3B release, as its `place_towers_on_devices`); `sharded` splits
+both over every device. Multiple-choice tasks (MMLU, ARC, WinoGrande, RACE) are scored by log-likelihood,
+which is the context tower's exact AR log-probability in every mode: their numbers differ between modes
+only through generation tasks (GSM8K, MATH-500, MGSM, HumanEval, MBPP). Sweep γ / S / T through
+`--model-args`. Several hosts: start one process per host with `--coordinator-address HOST0:PORT
+--num-processes N --process-id K` (or `--distributed` under SLURM / on TPU pods).
 """
 from __future__ import annotations
 
@@ -33,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random/numpy/fewshot seeds")
+    p.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="let code tasks (humaneval, mbpp) execute the generated code (lm-eval's flag)")
     p.add_argument("--log-samples", action="store_true", help="keep per-document samples in the output")
     p.add_argument("--output-path", required=True, type=Path)
     p.add_argument("--coordinator-address", default=None)
@@ -71,7 +96,8 @@ def run(args) -> Optional[dict]:
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=args.log_samples,
                                       random_seed=args.seed, numpy_random_seed=args.seed,
-                                      fewshot_random_seed=args.seed)
+                                      fewshot_random_seed=args.seed,
+                                      confirm_run_unsafe_code=args.confirm_run_unsafe_code)
     if results is None:   # ranks other than 0
         return None
     results["config"]["model_args"] = model_args
