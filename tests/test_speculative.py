@@ -331,3 +331,17 @@ def test_generator_samples_ars_distribution(temperature, top_k):
     check(np.bincount(tokens[:, 0], minlength=v) / n, joint.sum((1, 2)))
     check(np.bincount(tokens[:, 0] * v + tokens[:, 1], minlength=v * v) / n, joint.sum(2).reshape(-1))
     check(np.bincount((tokens[:, 0] * v + tokens[:, 1]) * v + tokens[:, 2], minlength=v ** 3) / n, joint.reshape(-1))
+
+
+def test_cli_self_speculative_is_ar(capsys):
+    """`python -m twotower_jax.generate --mode self_speculative` (the engine path, EOS stop) prints AR's tokens."""
+    import json
+
+    from twotower_jax import generate
+    argv = ["--checkpoint", "demo", "--prompt", "copy abc=", "--prompt", "reverse abcd=", "--json",
+            "--max-new-tokens", "10", "--block-size", "4"]
+    outputs = {}
+    for mode in ("ar", "self_speculative"):
+        assert generate.main(argv + ["--mode", mode]) == 0
+        outputs[mode] = json.loads(capsys.readouterr().out)
+    assert outputs["self_speculative"]["tokens"] == outputs["ar"]["tokens"] and outputs["ar"]["tokens"][0]
