@@ -76,6 +76,10 @@ def test_moe_module_impls_agree():
     out_ragged = MoE(cfg, impl="ragged").apply(params, x)
     out_dense = MoE(cfg, impl="dense").apply(params, x)
     np.testing.assert_allclose(out_ragged, out_dense, rtol=1e-5, atol=1e-5)
+    for impl in ("grouped", "gather"):
+        for rows in (x[:1, :1], x[:, :1], x):     # 1 and 2 tokens (some experts idle), 14 (all chosen)
+            np.testing.assert_allclose(MoE(cfg, impl=impl).apply(params, rows), MoE(cfg, impl="dense").apply(params, rows),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_gated_norm_is_per_group():
@@ -88,3 +92,50 @@ def test_gated_norm_is_per_group():
     gated = (y * z / (1 + np.exp(-z))).reshape(2, 5, groups, dim // groups)
     ref = gated / np.sqrt((gated ** 2).mean(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(out, weight * ref.reshape(2, 5, dim), rtol=1e-5, atol=1e-6)
+
+
+def numpy_conv(history, x, valid, kernel, bias):
+    """Depthwise causal conv over each row's valid columns only (history columns count as valid), float64:
+    returns (outputs at the valid columns, per row, and the last K−1 valid raw columns)."""
+    outs, hists = [], []
+    for h, row, ok in zip(history.astype(np.float64), x.astype(np.float64), valid):
+        cols = np.concatenate([h, row[ok]], 0)
+        k = kernel.shape[0]
+        outs.append(np.stack([(cols[i:i + k] * kernel).sum(0) + bias for i in range(len(cols) - k + 1)])
+                    if ok.any() else np.zeros((0, x.shape[-1])))
+        hists.append(cols[-(k - 1):])
+    return outs, np.stack(hists)
+
+
+@pytest.mark.parametrize("length", [1, 6])
+def test_conv_state_matches_numpy_and_skips_padding(length):
+    """The Mamba conv with a cached history: outputs at valid columns and the new conv state (last K−1 valid
+    raw columns) equal a NumPy conv over the valid columns; padded columns never enter the state."""
+    from twotower_jax.layers.mamba2 import DepthwiseCausalConv
+    k, c, b = 4, 5, 3
+    rng = np.random.default_rng(length)
+    history = rng.standard_normal((b, k - 1, c)).astype(np.float32)
+    x = rng.standard_normal((b, length, c)).astype(np.float32)
+    valid = np.ones((b, length), bool)
+    valid[1, 0] = False                 # a left pad (or, at length 1, a frozen row)
+    if length > 2:
+        valid[2, 2] = False             # a hole in the middle
+    conv = DepthwiseCausalConv(c, k)
+    params = conv.init(jax.random.key(0), jnp.asarray(history), jnp.asarray(x), jnp.asarray(valid))
+    params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    out, state = conv.apply(params, jnp.asarray(history), jnp.asarray(x), jnp.asarray(valid))
+    kernel, bias = np.asarray(params["params"]["kernel"]), np.asarray(params["params"]["bias"])
+    want_out, want_state = numpy_conv(history, x, valid, kernel, bias)
+    np.testing.assert_allclose(state, want_state, rtol=1e-6, atol=1e-6)
+    for row in range(b):
+        np.testing.assert_allclose(np.asarray(out)[row][valid[row]], want_out[row], rtol=1e-5, atol=1e-5)
+
+    # The same columns fed one at a time through the cached state give the same outputs and state.
+    h = jnp.asarray(history)
+    steps = []
+    for i in range(length):
+        o, h = conv.apply(params, h, jnp.asarray(x[:, i:i + 1]), jnp.asarray(valid[:, i:i + 1]))
+        steps.append(np.asarray(o)[:, 0])
+    np.testing.assert_allclose(h, want_state, rtol=1e-6, atol=1e-6)
+    for row in range(b):
+        np.testing.assert_allclose(np.stack(steps, 1)[row][valid[row]], want_out[row], rtol=1e-5, atol=1e-5)
