@@ -119,6 +119,8 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(reference):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL     # killed mid-run, not finished before the kill
+    assert start < len(recover(output)) < N_GOOD
     # 4. restart to the end
     code, err = cli(directory, "killed.jsonl", "--batch-size", "32")
     assert code == 0, err
