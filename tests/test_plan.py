@@ -156,6 +156,7 @@ def test_compiled_train_plan_of_a_tiny_model_on_two_devices():
     assert program["alias"] == plan.params[0] + plan.optimizer[0]
     assert plan.params[0] + plan.optimizer[0] + plan.batch[0] < program["argument"] <= plan.state(0) + plan.batch[0] + 8
     assert "activations: XLA memory analysis" in plan.table() and "| 0–1 |" in plan.table()
+    assert "remat none" in plan.table()
 
 
 def test_train_plan_cli(capsys):
@@ -171,3 +172,10 @@ def test_train_plan_cli(capsys):
 def test_train_layout_is_the_training_steps():
     parallel = pytest.importorskip("twotower_jax.training.parallel")
     assert train_placement() == parallel.TRAIN_PLACEMENT
+
+
+def test_compiled_train_plan_with_remat():
+    """--remat puts the denoiser's layers under nn.remat (the frozen context pass runs as it is)."""
+    plan = memory_plan_train(tiny(pattern="M*E"), batch=2, seq_len=16, block_size=4, remat="full")
+    assert plan.program["temp"] > 0 and plan.program["alias"] == plan.params[0] + plan.optimizer[0]
+    assert "remat full" in plan.table()

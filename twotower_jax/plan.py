@@ -320,7 +320,8 @@ class TrainMemoryPlan:
         d = self.description
         head = (f"training memory plan: {d['config']}, master {d['master_dtype']} / compute {d['dtype']}, "
                 f"{len(self.params)} device(s) {d['mesh']} (FSDP over data, experts over expert), batch "
-                f"{d['batch']} x {d['seq_len']} tokens (block {d['block_size']}, grad_accum {d['grad_accum']})")
+                f"{d['batch']} x {d['seq_len']} tokens (block {d['block_size']}, grad_accum {d['grad_accum']}, "
+                f"remat {d['remat']}, MoE {d['moe']})")
         c = self.counts
         counts = (f"params: {c['trainable']:,} trainable (denoiser), {c['frozen']:,} frozen (context tower); "
                   f"AdamW: 2 moments in {d['master_dtype']}")
@@ -385,8 +386,8 @@ def _count(tree) -> int:
 
 def memory_plan_train(config, *, n_devices: int = 1, data: int = 1, tensor: int = 1, batch: int = 1,
                       seq_len: int = 4096, block_size: int = 16, grad_accum: int = 1, dtype=None,
-                      master_dtype=None, mask_token_id: int = 3, moe: str = "ragged", compile: bool = True,
-                      devices=None, device_memory: Optional[int] = None) -> TrainMemoryPlan:
+                      master_dtype=None, mask_token_id: int = 3, moe: str = "ragged", remat: str = "none",
+                      compile: bool = True, devices=None, device_memory: Optional[int] = None) -> TrainMemoryPlan:
     """The training-step plan (module docstring, `--train`). `batch` is the global batch (rows over
     `data`); `compile=False` gives the exact resident bytes (params, optimizer, frozen tower) only."""
     import jax
@@ -431,11 +432,11 @@ def memory_plan_train(config, *, n_devices: int = 1, data: int = 1, tensor: int 
     if compile:
         program = compile_train_step(model, master, opt_state, frozen, mesh, batch=batch, seq_len=seq_len,
                                      block_size=block_size, grad_accum=grad_accum, dtype=dtype,
-                                     mask_token_id=mask_token_id, moe=moe)
+                                     mask_token_id=mask_token_id, moe=moe, remat=remat)
     description = {"config": _config_name(config), "dtype": jnp.dtype(dtype).name,
                    "master_dtype": jnp.dtype(master_dtype).name, "mode": "train", "placement": "train (FSDP)",
                    "mesh": dict(mesh.shape), "batch": batch, "seq_len": seq_len, "block_size": block_size,
-                   "grad_accum": grad_accum, "pattern": config.pattern, "moe": moe}
+                   "grad_accum": grad_accum, "pattern": config.pattern, "moe": moe, "remat": remat}
     counts = {"trainable": _count(master), "frozen": _count(frozen), "optimizer": _count(opt_state)}
     return TrainMemoryPlan(description, params_b, optimizer_b, frozen_b, batch_b, program, compiled_on,
                            device_memory, counts)
@@ -484,8 +485,28 @@ def train_step_fn(model, *, block_size: int, grad_accum: int, dtype, mask_token_
     return step
 
 
+@functools.lru_cache(maxsize=None)
+def _denoiser_remat_class():
+    from twotower_jax.tower import NemotronH
+    from twotower_jax.two_tower import TwoTower
+
+    @dataclasses.dataclass(frozen=True)
+    class DenoiserRemat(TwoTower):
+        """A TwoTower whose context tower runs without remat (it is frozen: nothing to recompute)."""
+        @property
+        def context(self) -> NemotronH:
+            impl = dataclasses.replace(self.impl, remat="none")
+            return NemotronH(self.config, self.dtype, self.param_dtype, impl)
+    return DenoiserRemat
+
+
+def _DenoiserRemat(*args):
+    return _denoiser_remat_class()(*args)
+
+
 def compile_train_step(model, master, opt_state, frozen, mesh, *, batch: int, seq_len: int, block_size: int,
-                       grad_accum: int = 1, dtype=None, mask_token_id: int = 3, moe: str = "ragged") -> dict:
+                       grad_accum: int = 1, dtype=None, mask_token_id: int = 3, moe: str = "ragged",
+                       remat: str = "none") -> dict:
     """AOT-compiles the training step from shapes alone (params, optimizer state and frozen tower on the
     training shardings, donated state, tokens over `data`) and returns XLA's per-device memory analysis:
     {"devices", "argument", "output", "alias", "temp", "compile_seconds"}."""
@@ -497,7 +518,12 @@ def compile_train_step(model, master, opt_state, frozen, mesh, *, batch: int, se
 
     dtype = jnp.bfloat16 if dtype is None else dtype
     placement = train_placement()
+    # remat: each denoiser layer under nn.remat with that policy (`tower.Impl.remat`: none | full | dots); the
+    # frozen context pass has no backward, so it runs as it is (`_DenoiserRemat`)
     model = dataclasses.replace(model, impl=dataclasses.replace(model.impl, moe=moe))
+    if remat != "none":
+        model = _DenoiserRemat(model.config, model.dtype, model.param_dtype,
+                               dataclasses.replace(model.impl, remat=remat))
     model = placed_model(model, sharding.resolve("sharded" if mesh.size > 1 else "single"), mesh)
     step = train_step_fn(model, block_size=block_size, grad_accum=grad_accum, dtype=dtype,
                          mask_token_id=mask_token_id)
@@ -553,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train", action="store_true", help="plan a training step (FSDP layout; --placement unused)")
     train.add_argument("--seq-len", type=int, default=4096, help="tokens per training row, L = N·S")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    train.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                       help="per-layer rematerialisation policy of the compiled step")
     train.add_argument("--master-dtype", choices=("float32", "bfloat16"), default="float32",
                        help="trainable weights and AdamW moments")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -575,7 +603,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plan = memory_plan_train(config, n_devices=args.devices, data=args.data, tensor=args.tensor,
                                      batch=args.batch, seq_len=args.seq_len, block_size=args.block_size,
                                      grad_accum=args.grad_accum, dtype=jnp.dtype(args.dtype),
-                                     master_dtype=jnp.dtype(args.master_dtype), moe=args.moe_impl,
+                                     master_dtype=jnp.dtype(args.master_dtype), moe=args.moe_impl, remat=args.remat,
                                      compile=not args.no_compile, device_memory=args.device_memory)
             print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
             return 0 if plan.fits() else 1
