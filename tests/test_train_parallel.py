@@ -120,3 +120,41 @@ def test_remat_policies_keep_loss_and_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="unknown remat policy"):
         TwoTower(config, impl=Impl(remat="some")).random_params(seed=0)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_one_call_context_pass_equals_block_by_block(block_size):
+    """The objective's context pass in one call (block-boundary states from the scan inputs) against the
+    sampler's way of building it: L/S serial extensions, each Mamba cache kept before every block."""
+    import jax
+
+    from twotower_jax.config import tiny
+    from twotower_jax.ops.ssd import ssd_block_states, ssd_sequential
+    from twotower_jax.tower import Impl, NemotronH
+    from twotower_jax.training.objective import blockwise_context, blockwise_context_by_blocks
+
+    config = tiny(pattern="M*EM", chunk_size=8)   # scan chunk 8 != block size
+    model = NemotronH(config, impl=Impl(moe="dense"))
+    params = model.random_params(seed=3, scale=0.4)
+    tokens = jax.random.randint(jax.random.key(4), (2, 32), 4, config.vocab_size)
+    one_call = blockwise_context(model, params, tokens, block_size)
+    by_blocks = blockwise_context_by_blocks(model, params, tokens, block_size)
+    assert len(jax.tree.leaves(one_call)) == len(jax.tree.leaves(by_blocks)) > 0
+    for a, b in zip(jax.tree.leaves(one_call), jax.tree.leaves(by_blocks)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-5)
+
+    # ssd_block_states against the sequential reference's state after each block prefix
+    rng = np.random.default_rng(0)
+    b, length, h, p, g, n = 1, 12, 2, 3, 1, 4
+    x, B = rng.standard_normal((b, length, h, p)), rng.standard_normal((b, length, g, n))
+    dt, A = rng.uniform(0.1, 2.0, (b, length, h)), -rng.uniform(0.5, 3.0, h)
+    h0 = rng.standard_normal((b, h, p, n))
+    states = ssd_block_states(*(jax.numpy.asarray(a, "float32") for a in (x, dt, A, B, h0)), block_size=4)
+    for block in range(3):
+        k = 4 * block
+        expected = h0 if k == 0 else ssd_sequential(*(jax.numpy.asarray(a, "float32") for a in (
+            x[:, :k], dt[:, :k], A, B[:, :k], B[:, :k], h0)))[1]
+        np.testing.assert_allclose(states[:, block], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        ssd_block_states(*(jax.numpy.asarray(a, "float32") for a in (x, dt, A, B, h0)), block_size=5)

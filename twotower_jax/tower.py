@@ -142,7 +142,9 @@ def remat_block(policy: str):
         return Block
     if policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {policy!r}; expected 'none', {', '.join(map(repr, REMAT_POLICIES))}")
-    return nn.remat(Block, policy=REMAT_POLICIES[policy])
+    # static_argnums counts the module as 0: 5 is `return_scan_inputs` (a Python bool). Every call passes all
+    # five arguments positionally, as jax.checkpoint needs the static one among the positional arguments.
+    return nn.remat(Block, policy=REMAT_POLICIES[policy], static_argnums=(5,))
 
 
 class NemotronHTower(nn.Module):
@@ -192,7 +194,7 @@ class NemotronHTower(nn.Module):
         t_cond = None if t is None else self.t_block_1(nn.silu(self.t_embedder(t)))
         valid = jnp.ones(tokens.shape, bool)
         for block, context in zip(self.layers, contexts):
-            h, _ = block(h, context, valid, t_cond=t_cond)
+            h, _ = block(h, context, valid, t_cond, False)   # all positional: see remat_block
         return self.logits(self.norm_f(h))
 
     def logits(self, hidden: Float[Array, "... d"]) -> Float[Array, "... v"]:
@@ -230,11 +232,11 @@ class NemotronHTower(nn.Module):
         new_layers, extensions = [], []
         for block, layer_cache in zip(self.layers, cache.layers):
             if return_scan_inputs:
-                h, layer_cache, extension = block(h, CausalContext(layer_cache, start, key_valid), valid,
-                                                  return_scan_inputs=True)
+                # positional: `return_scan_inputs` is a static argument of a rematerialised Block
+                h, layer_cache, extension = block(h, CausalContext(layer_cache, start, key_valid), valid, None, True)
                 extensions.append(extension)
             else:
-                h, layer_cache = block(h, CausalContext(layer_cache, start, key_valid), valid)
+                h, layer_cache = block(h, CausalContext(layer_cache, start, key_valid), valid, None, False)
             new_layers.append(layer_cache)
         new_cache = TowerCache(layers=tuple(new_layers), key_valid=key_valid, length=start + h.shape[1])
         if return_scan_inputs:

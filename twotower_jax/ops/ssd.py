@@ -124,10 +124,24 @@ def ssd_chunked(
     cb = jnp.einsum("bcihn,bcjhn->bcijh", Ch, Bh, precision=_HIGHEST)
     y_diag = jnp.einsum("bcijh,bcjh,bcjhp->bcihp", cb * decay_ij, dt, x, precision=_HIGHEST)
 
+    # 2.–3. The state entering each chunk.
+    final_state, states_in = _states_entering_chunks(x, dt, Bh, z, log_decay[:, :, -1, :], initial_state)
+
+    # 4. What the entering state contributes inside each chunk, decayed to each position.
+    y_off = jnp.einsum("bcihn,bchpn,bcih->bcihp", Ch, states_in, jnp.exp(log_decay), precision=_HIGHEST)
+
+    y = (y_diag + y_off).reshape(b, nc * q, h, p)[:, :length]
+    return y, final_state
+
+
+def _states_entering_chunks(x, dt, Bh, z, chunk_log_decay, initial_state):
+    """Chunked inputs x (b,c,q,h,p), dt (b,c,q,h), Bh (b,c,q,h,n), z (b,c,k,j,h) = dA_k for k > j (else 0),
+    chunk_log_decay (b,c,h) = Σ dA over each chunk. Returns (final state, states entering each chunk
+    (b,c,h,p,n)), float32."""
     # 2. The state each chunk adds by its end, from a zero start.
     decay_to_end = jnp.exp(jnp.sum(z, axis=2))                       # (b,c,q,h): exp Σ_{k>j} dA_k
     chunk_states = jnp.einsum("bcjhn,bcjh,bcjhp->bchpn", Bh, decay_to_end * dt, x, precision=_HIGHEST)
-    chunk_decay = jnp.exp(log_decay[:, :, -1, :])                    # (b,c,h)
+    chunk_decay = jnp.exp(chunk_log_decay)                           # (b,c,h)
 
     # 3. Across chunks: the state entering chunk c, starting from the initial state.
     def carry_state(state, inputs):
@@ -135,14 +149,37 @@ def ssd_chunked(
         return decay[:, :, None, None] * state + added, state
 
     final_state, states_in = jax.lax.scan(
-        carry_state, initial_state.astype(f32), (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-    states_in = jnp.moveaxis(states_in, 0, 1)                        # (b,c,h,p,n)
+        carry_state, initial_state.astype(jnp.float32),
+        (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    return final_state, jnp.moveaxis(states_in, 0, 1)
 
-    # 4. What the entering state contributes inside each chunk, decayed to each position.
-    y_off = jnp.einsum("bcihn,bchpn,bcih->bcihp", Ch, states_in, jnp.exp(log_decay), precision=_HIGHEST)
 
-    y = (y_diag + y_off).reshape(b, nc * q, h, p)[:, :length]
-    return y, final_state
+def ssd_block_states(
+    x: Float[Array, "b l h p"],
+    dt: Float[Array, "b l h"],
+    A: Float[Array, "h"],
+    B: Float[Array, "b l g n"],
+    initial_state: Float[Array, "b h p n"],
+    block_size: int,
+) -> Float[Array, "b nb h p n"]:
+    """The scan's state before each block of `block_size` positions (block 0: `initial_state`), from the
+    scan's own inputs in one parallel pass: the chunked SSD's inter-chunk states with chunk = block
+    (no outputs computed). `l` must be a multiple of `block_size`. Float32."""
+    check_shapes(x, dt, A, B, B, initial_state)
+    b, length, h, p = x.shape
+    if block_size < 1 or length % block_size:
+        raise ValueError(f"length {length} must be a positive multiple of block_size {block_size}")
+    f32 = jnp.float32
+    nb, q = length // block_size, block_size
+
+    def chunks(a):
+        return a.astype(f32).reshape(b, nb, q, *a.shape[2:])
+
+    x, dt, Bh = chunks(x), chunks(dt), chunks(_heads_from_groups(B, h))
+    dA = dt * A.astype(f32)
+    rows, cols = jnp.arange(q)[:, None], jnp.arange(q)[None, :]
+    z = jnp.where((rows > cols)[None, None, :, :, None], dA[:, :, :, None, :], 0.0)
+    return _states_entering_chunks(x, dt, Bh, z, jnp.sum(dA, axis=2), initial_state)[1]
 
 
 def resolve_scan_impl(impl: str, backend: str | None = None) -> str:

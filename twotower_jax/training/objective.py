@@ -2,8 +2,9 @@
 masked-diffusion loss in its parallel form (SPEC §5).
 
 Diffusion, one training sequence of L = N·S tokens:
-  1. the frozen context tower runs over the clean sequence once (no gradient), keeping the K/V of all
-     positions and each Mamba layer's conv/SSM state at every block boundary (`blockwise_context`);
+  1. the frozen context tower runs over the clean sequence once, in one call (no gradient), keeping the
+     K/V of all positions and each Mamba layer's conv/SSM state at every block boundary
+     (`blockwise_context`);
   2. per example t ~ U[t_min, 1]; each token is replaced by MASK with probability t (`noise_tokens`);
   3. the denoiser runs over the noised sequence in one pass (`NemotronHTower.denoise_blockwise`):
      block n attends to context blocks 0..n−1 and to itself, and its Mamba layers start from the context
@@ -21,6 +22,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from twotower_jax.cache import AttentionCache, BlockwiseTowerContext, MambaCache
+from twotower_jax.ops.ssd import ssd_block_states
 from twotower_jax.tower import NemotronH, NemotronHTower, Params
 from twotower_jax.two_tower import TwoTower
 
@@ -36,9 +38,40 @@ def _check_sequence(tokens, block_size: int) -> None:
 
 def blockwise_context(model: NemotronH, params: Params, tokens: Int[Array, "b l"], block_size: int
                       ) -> BlockwiseTowerContext:
-    """The context tower over a clean sequence, block by block through the same cache-extension path
-    the sampler uses; returns its K/V for all positions and its Mamba states before every block.
-    Wrapped in `stop_gradient`: the context tower is frozen."""
+    """The context tower over a clean sequence in one causal pass; returns its K/V for all positions and
+    each Mamba layer's conv and SSM state before every block. The pass keeps every Mamba layer's scan
+    inputs (`MambaExtension`); the states at block boundaries come from them in one parallel computation
+    (`ssd_block_states`: the chunked SSD's inter-chunk states with chunk = block), the conv states are
+    the K−1 raw columns before each block. Wrapped in `stop_gradient`: the context tower is frozen.
+    `blockwise_context_by_blocks` is the same context built block by block through the sampler's path."""
+    _check_sequence(tokens, block_size)
+    b, length = tokens.shape
+    n = length // block_size
+    module = model.module
+    variables = {"params": params}
+    embedded = module.apply(variables, tokens, method=NemotronHTower.embed)
+    _, cache, extensions = module.apply(variables, embedded, model.init_cache(b, length), None, True,
+                                        method=NemotronHTower.layers_over)
+    layers = []
+    for final, extension in zip(cache.layers, extensions):
+        if isinstance(final, AttentionCache):
+            layers.append(final)
+        elif isinstance(final, MambaCache):
+            full = jnp.concatenate([extension.history, extension.xbc], axis=1)        # (b, k1 + l, c)
+            k1 = extension.history.shape[1]
+            before = (jnp.arange(n) * block_size)[:, None] + jnp.arange(k1)[None, :]  # (n, k1) columns of full
+            conv = full[:, before].astype(final.conv.dtype)                            # (b, n, k1, c)
+            ssm = ssd_block_states(extension.x, extension.dt, extension.A, extension.B, extension.ssm, block_size)
+            layers.append(MambaCache(conv=conv, ssm=ssm.astype(final.ssm.dtype)))
+        else:
+            layers.append(None)
+    return jax.lax.stop_gradient(BlockwiseTowerContext(layers=tuple(layers), block_size=block_size))
+
+
+def blockwise_context_by_blocks(model: NemotronH, params: Params, tokens: Int[Array, "b l"], block_size: int
+                                ) -> BlockwiseTowerContext:
+    """`blockwise_context` the way the sampler builds it: block by block through the cache-extension
+    path (L/S serial tower calls), keeping each Mamba cache before every block. The reference."""
     _check_sequence(tokens, block_size)
     b, length = tokens.shape
     n = length // block_size
