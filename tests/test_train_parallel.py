@@ -45,21 +45,27 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every layout, trained for STEPS steps from the same params on the same batches: one 4-device
-    process (runs named by layout) and two 1-device processes joined by jax.distributed."""
+    """Every layout, trained for STEPS steps from the same params on the same batches, in one 4-device
+    process (runs named by layout; "loop": `loop.train` on a data=2 mesh, uninterrupted), and
+    "two_processes": `loop.train` in two 1-device processes joined by jax.distributed, stopped after
+    step 10 (an interruption after a checkpoint) and resumed by two new processes."""
     tmp = tmp_path_factory.mktemp("train_parallel")
-    address = f"127.0.0.1:{_free_port()}"
-    procs = [run_worker(tmp / "four_devices.json", [
+    four = run_worker(tmp / "four_devices.json", [
         # NAME=LOSS,BATCH,GRAD_ACCUM,DATA,EXPERT (DATA 0: the single-device step, no mesh)
         "single=diffusion,8,1,0,1", "sharded=diffusion,8,1,2,2", "data2=diffusion,8,1,2,1",
-        "ar_whole=ar,8,1,0,1", "ar_accum=ar,8,2,0,1", "ar_sharded_accum=ar,8,2,2,2"], devices=4)]
-    for pid in range(2):
-        procs.append(run_worker(tmp / "two_processes.json", ["data2=diffusion,8,1,2,1"], devices=1,
-                                coordinator_address=address, num_processes=2, process_id=pid))
-    for p in procs:
-        assert p.wait(timeout=900) == 0
+        "ar_whole=ar,8,1,0,1", "ar_accum=ar,8,2,0,1", "ar_sharded_accum=ar,8,2,2,2"], devices=4,
+        loop_workdir=tmp / "loop_one_process")
+    for launch, stop_after in enumerate((STEPS // 2, STEPS)):
+        address = f"127.0.0.1:{_free_port()}"
+        procs = [run_worker(tmp / f"two_processes_{launch}.json", [], devices=1, loop_workdir=tmp / "loop_two",
+                            stop_after=stop_after, coordinator_address=address, num_processes=2, process_id=pid)
+                 for pid in range(2)]
+        for p in procs:
+            assert p.wait(timeout=900) == 0
+    assert four.wait(timeout=900) == 0
     results = json.loads((tmp / "four_devices.json").read_text())
-    results["two_processes"] = json.loads((tmp / "two_processes.json").read_text())["data2"]
+    results["first_launch"] = json.loads((tmp / "two_processes_0.json").read_text())["loop"]
+    results["two_processes"] = json.loads((tmp / "two_processes_1.json").read_text())["loop"]
     return results
 
 
@@ -76,12 +82,15 @@ def test_grad_accumulation_equals_the_whole_batch(runs):
     assert_same_run(runs["ar_sharded_accum"], runs["ar_whole"])
 
 
-def test_two_processes_equal_one_process_with_two_devices(runs):
-    two, one = runs["two_processes"], runs["data2"]
-    assert two["layout"]["processes"] == 2 and two["layout"]["devices"] == 2
-    assert one["layout"]["processes"] == 1 and one["layout"]["devices"] == 2
+def test_two_processes_killed_and_resumed_equal_one_uninterrupted_process(runs):
+    """2 processes (1 device each) == 1 process with 2 devices, through `loop.train`: the first launch's
+    10 steps, and after a restart from its checkpoint, all 20 steps and the final params."""
+    one, two, first = runs["loop"], runs["two_processes"], runs["first_launch"]
+    assert len(first["losses"]) == STEPS // 2 and len(two["losses"]) == len(one["losses"]) == STEPS
+    np.testing.assert_allclose(first["losses"], one["losses"][:STEPS // 2], rtol=1e-5, atol=1e-5)
     assert_same_run(two, one)
-    assert_same_run(one, runs["single"])
+    assert_same_run(one, runs["data2"])      # the loop on a mesh == the bare sharded step
+    assert_same_run(runs["data2"], runs["single"])
 
 
 def test_bad_grad_accum_is_refused():

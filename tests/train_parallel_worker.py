@@ -8,6 +8,7 @@ layout needs (XLA_FLAGS=--xla_force_host_platform_device_count=N), or as one of 
 DATA = 0: no mesh (the single-device step). Several runs share one process (and its compile caches).
 """
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -19,7 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", nargs="+", required=True, help="NAME=LOSS,BATCH,GRAD_ACCUM,DATA,EXPERT")
+    parser.add_argument("--runs", nargs="*", default=[], help="NAME=LOSS,BATCH,GRAD_ACCUM,DATA,EXPERT")
+    parser.add_argument("--loop_workdir", help="also train through loop.train here (diffusion, data=2 mesh)")
+    parser.add_argument("--stop_after", type=int, help="loop.train stops after this step (an interruption)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--coordinator_address")
     parser.add_argument("--num_processes", type=int)
@@ -37,7 +40,7 @@ def main():
     from twotower_jax.config import tiny
     from twotower_jax.tower import Impl
     from twotower_jax.training import parallel
-    from twotower_jax.training.loop import TrainConfig, make_optimizer
+    from twotower_jax.training.loop import TrainConfig, make_optimizer, make_train_step
     from twotower_jax.training.objective import ar_loss, diffusion_loss
     from twotower_jax.two_tower import TwoTower
 
@@ -60,7 +63,7 @@ def main():
             mesh = parallel.train_mesh(n_devices=data * expert, data=data)
             trainable, opt_state, frozen = parallel.place_train_state(trainable, opt_state, frozen, mesh)
         parallel.check_grad_accum(grad_accum, batch_rows, mesh)
-        step_fn = parallel.make_sharded_train_step(loss_fn, cfg, mesh, grad_accum)
+        step_fn = make_train_step(loss_fn, cfg, mesh, grad_accum)
         rng = np.random.default_rng(1)
         losses = []
         key = jax.random.key(0)
@@ -82,7 +85,25 @@ def main():
         flat = {jax.tree_util.keystr(p): v.tolist() for p, v in jax.tree_util.tree_leaves_with_path(gathered)}
         return {"losses": losses, "params": flat, "layout": layout}
 
+    def loop_run(workdir: str, stop_after) -> dict:
+        """loop.train on a data=2 mesh: checkpoints every 5 steps, metrics every step."""
+        from twotower_jax.training.loop import read_metrics, train
+        params = model.random_params(seed=0, scale=0.3)
+        loss_fn = functools.partial(diffusion_loss, model=model, block_size=4, mask_token_id=3)
+        batches = np.random.default_rng(1).integers(4, config.vocab_size, (args.steps, 8, 16)).astype(np.int32)
+        loop_cfg = dataclasses.replace(cfg, save_every=5, log_every=1)
+        final = train(loss_fn, params["denoiser"], params["context"], lambda step: batches[step], loop_cfg,
+                      workdir, stop_after=stop_after, progress=False,
+                      mesh=parallel.train_mesh(n_devices=2, data=2))
+        gathered = jax.tree.map(lambda x: np.asarray(jax.device_get(
+            multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x), np.float64), final)
+        losses = [r["loss"] for r in read_metrics(workdir)] if jax.process_index() == 0 else []
+        return {"losses": losses, "layout": None,
+                "params": {jax.tree_util.keystr(p): v.tolist() for p, v in jax.tree_util.tree_leaves_with_path(gathered)}}
+
     results = {}
+    if args.loop_workdir:
+        results["loop"] = loop_run(args.loop_workdir, args.stop_after)
     for spec in args.runs:
         name, values = spec.split("=")
         loss, *numbers = values.split(",")

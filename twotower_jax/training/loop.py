@@ -20,8 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
+from twotower_jax import distributed
 from twotower_jax.progress import Progress
+from twotower_jax.training import parallel
 
 LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
 BatchFn = Callable[[int], Any]
@@ -105,15 +108,24 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(loss_fn: LossFn, cfg: TrainConfig):
-    """(params, opt_state, frozen, tokens, rng, step) → (params, opt_state, metrics), jitted; cached per
-    (loss, config) so a resumed or repeated run in the same process reuses the compiled step."""
+def make_train_step(loss_fn: LossFn, cfg: TrainConfig, mesh: Optional[Mesh] = None, grad_accum: int = 1):
+    """(params, opt_state, frozen, batch, rng, step) → (params, opt_state, metrics), jitted, params and
+    optimizer state donated; cached per (loss, config, mesh, grad_accum) so a resumed or repeated run in
+    the same process reuses the compiled step.
+
+    With a `mesh` the inputs are expected on the training layout (`parallel.state_shardings`,
+    `parallel.batch_shardings`; `parallel.place_train_state` puts them there) and the new state is
+    pinned to it. `grad_accum` > 1 splits the batch into that many micro-batches
+    (`parallel.accumulated_grads`)."""
     optimizer, schedule = make_optimizer(cfg), wsd_schedule(cfg)
 
-    def train_step(params, opt_state, frozen, tokens, rng, step):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, tokens, rng)
+    def train_step(params, opt_state, frozen, batch, rng, step):
+        grads, metrics = parallel.accumulated_grads(loss_fn, params, frozen, batch, rng, grad_accum)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if mesh is not None:   # pin the new state to its layout (GSPMD could pick another for outputs)
+            params = jax.lax.with_sharding_constraint(params, parallel.state_shardings(params, mesh))
+            opt_state = jax.lax.with_sharding_constraint(opt_state, parallel.state_shardings(opt_state, mesh))
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
         return params, opt_state, metrics
     return jax.jit(train_step, donate_argnums=(0, 1))
@@ -145,9 +157,19 @@ def _to_float(tree) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
+def _on_devices(batch, mesh: Optional[Mesh], grad_accum: int):
+    """A step's batch (an array or a tuple of arrays, rows first) on device: rows over the mesh's `data`
+    axis (each process transferring only its own devices' rows), or on the default device."""
+    parallel.check_grad_accum(grad_accum, len(jax.tree.leaves(batch)[0]), mesh)
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    return jax.tree.map(distributed.global_array, batch, parallel.batch_shardings(batch, mesh))
+
+
 def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn: Optional[BatchFn], cfg: TrainConfig,
           workdir: str | Path, *, stop_after: Optional[int] = None, progress: Optional[bool] = None,
-          on_log: Optional[Callable[[dict], None]] = None) -> Any:
+          on_log: Optional[Callable[[dict], None]] = None, mesh: Optional[Mesh] = None,
+          grad_accum: int = 1) -> Any:
     """Trains `params` for `cfg.steps` steps (resuming from the newest checkpoint in `workdir` if any) and
     returns the final params. Saves every `save_every` steps and at the end; logs every `log_every`.
 
@@ -157,12 +179,20 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
 
     `stop_after=k` stops after step k as an interruption would (after saving), for tests and for
     splitting long runs. Steps are numbered 1..steps; step s trains on `batch_fn(s - 1)`.
+
+    `mesh`: train sharded on it (`training/parallel.py`: params, optimizer state and `frozen` on the
+    training layout, batch rows over `data`); with several processes (`twotower_jax.distributed`)
+    every process runs `train` with the same arguments, computes the same global batch and feeds its
+    own devices' rows; all of them write the checkpoint, process 0 the metrics. `grad_accum`: micro-
+    batches per step (the batch's rows must split evenly, times the mesh's `data` size).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     # A private copy: the jitted step donates its params buffers, and the caller's must stay valid.
     params = jax.tree.map(jnp.array, params)
     opt_state = make_optimizer(cfg).init(params)
+    if mesh is not None:
+        params, opt_state, frozen = parallel.place_train_state(params, opt_state, frozen, mesh)
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
     done = 0
     with ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).absolute(), options=options) as manager:
@@ -171,7 +201,7 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
             state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
             params, opt_state, done = state["params"], state["opt_state"], latest
-        log = MetricsLog(workdir / METRICS_FILE, done)
+        log = MetricsLog(workdir / METRICS_FILE, done) if jax.process_index() == 0 else None
         stages = [Stage(cfg.steps, loss_fn, batch_fn)] if callable(loss_fn) else list(loss_fn)
         if not stages or (batch_fn is not None and not callable(loss_fn)):
             raise ValueError("train needs a loss and batch_fn, or a non-empty sequence of Stages and batch_fn=None")
@@ -181,13 +211,14 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
         started = time.perf_counter()
         for step in range(done + 1, last + 1):
             stage = stage_at(stages, step)
-            step_fn = make_train_step(stage.loss_fn, cfg)
-            tokens = jax.tree.map(jnp.asarray, stage.batch_fn(step - 1))
+            step_fn = make_train_step(stage.loss_fn, cfg, mesh, grad_accum)
+            tokens = _on_devices(stage.batch_fn(step - 1), mesh, grad_accum)
             params, opt_state, metrics = step_fn(params, opt_state, frozen, tokens,
                                                  jax.random.fold_in(base_key, step), step - 1)
             if step % cfg.log_every == 0 or step == last:
                 record = {"step": step, **_to_float(metrics), "seconds": round(time.perf_counter() - started, 3)}
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 if on_log is not None:
                     on_log(record)
                 bar.update(step, f"loss {record['loss']:.4f}")

@@ -1,4 +1,4 @@
-"""The training step on a mesh: trainable params, their AdamW state and the frozen tower sharded by one
+"""What the training step (`loop.make_train_step`) needs on a mesh: trainable params, their AdamW state and the frozen tower sharded by one
 rules table, the batch split over `data`, gradient accumulation, donated state.
 
 Layout (`TRAIN_PLACEMENT`): the inference `sharded` rules (`twotower_jax.sharding.RULES`: routed experts
@@ -15,16 +15,13 @@ batch's loss, not a mean of means. Each micro-batch gets the step's key folded w
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from twotower_jax import sharding
-from twotower_jax.training.loop import LossFn, TrainConfig, make_optimizer, wsd_schedule
 
 # The inference `sharded` rules plus FSDP: each param's `embed` dimension over `data`.
 TRAIN_PLACEMENT = sharding.Placement(
@@ -50,7 +47,7 @@ def batch_shardings(batch, mesh: Mesh):
     return sharding.batch_shardings(batch, mesh, rows)
 
 
-def accumulated_grads(loss_fn: LossFn, params, frozen, batch, rng, grad_accum: int):
+def accumulated_grads(loss_fn, params, frozen, batch, rng, grad_accum: int):
     """(gradient, metrics) of `loss_fn` over `batch` in `grad_accum` micro-batches (module docstring)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
@@ -87,34 +84,6 @@ def check_grad_accum(grad_accum: int, batch_rows: int, mesh: Optional[Mesh] = No
     if batch_rows % (grad_accum * data):
         raise ValueError(f"batch of {batch_rows} rows does not split into grad_accum={grad_accum} micro-batches "
                          f"over data={data} devices (needs a multiple of {grad_accum * data})")
-
-
-@functools.lru_cache(maxsize=8)
-def make_sharded_train_step(loss_fn: LossFn, cfg: TrainConfig, mesh: Optional[Mesh], grad_accum: int = 1):
-    """(params, opt_state, frozen, batch, rng, step) → (params, opt_state, metrics), jitted, params and
-    optimizer state donated. With a mesh, the inputs are expected on `state_shardings` /
-    `batch_shardings` and the outputs stay there (`place_train_state` puts them); without one it is the
-    single-device step with gradient accumulation."""
-    optimizer, schedule = make_optimizer(cfg), wsd_schedule(cfg)
-
-    def train_step(params, opt_state, frozen, batch, rng, step):
-        grads, metrics = accumulated_grads(loss_fn, params, frozen, batch, rng, grad_accum)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
-        return params, opt_state, metrics
-
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0, 1))
-
-    def step_with_layout(params, opt_state, frozen, batch, rng, step):
-        params, opt_state, metrics = train_step(params, opt_state, frozen, batch, rng, step)
-        # Pin the new state to the layout it came in (GSPMD could otherwise pick another for outputs).
-        params = jax.lax.with_sharding_constraint(params, state_shardings(params, mesh))
-        opt_state = jax.lax.with_sharding_constraint(opt_state, state_shardings(opt_state, mesh))
-        return params, opt_state, metrics
-
-    return jax.jit(step_with_layout, donate_argnums=(0, 1))
 
 
 def place_train_state(params, opt_state, frozen, mesh: Mesh):
