@@ -167,3 +167,16 @@ def test_one_call_context_pass_equals_block_by_block(block_size):
         np.testing.assert_allclose(states[:, block], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of block_size"):
         ssd_block_states(*(jax.numpy.asarray(a, "float32") for a in (x, dt, A, B, h0)), block_size=5)
+
+
+def test_distributed_initialize_checks_its_flags():
+    from twotower_jax import distributed
+    with pytest.raises(ValueError, match="go together"):
+        distributed.initialize("127.0.0.1:1", None, 0)
+    with pytest.raises(ValueError, match=r"process id 2 is outside \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1", 2, 2)
+    assert distributed.initialize("127.0.0.1:1", 1, 0) is False        # one process: nothing to join
+    assert distributed.initialize(from_environment=False) is False
+    assert distributed.process_rows(8, 1, 4) == slice(2, 4)
+    with pytest.raises(ValueError, match="does not split evenly"):
+        distributed.process_rows(6, 0, 4)

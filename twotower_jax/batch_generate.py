@@ -234,19 +234,11 @@ def check_settings(output: Path, args) -> None:
 def init_distributed(args) -> tuple[int, int]:
     """(process index, process count), after jax.distributed.initialize when asked for."""
     import jax
-    explicit = args.coordinator_address is not None or args.num_processes is not None or args.process_id is not None
-    if explicit:
-        if None in (args.coordinator_address, args.num_processes, args.process_id):
-            raise ValueError("--coordinator-address, --num-processes and --process-id go together")
-        if not 0 <= args.process_id < args.num_processes:
-            raise ValueError(f"--process-id {args.process_id} is outside [0, {args.num_processes})")
-        if args.num_processes > 1:
-            jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        return args.process_id, args.num_processes
-    if args.distributed:
-        jax.distributed.initialize()
-        return jax.process_index(), jax.process_count()
-    return 0, 1
+
+    from twotower_jax import distributed
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           from_environment=args.distributed)
+    return jax.process_index(), jax.process_count()
 
 
 def part_path(output: Path, index: int, count: int) -> Path:

@@ -25,24 +25,32 @@ _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", 
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, *, local_device_ids=None) -> bool:
-    """Joins the job. Explicit flags win (all three, or none); without them a detected cluster's
-    environment is used; otherwise nothing happens (one process). Returns whether `jax.distributed`
-    was initialised. Call before any other JAX call that touches devices."""
+               process_id: Optional[int] = None, *, from_environment: Optional[bool] = None,
+               local_device_ids=None) -> bool:
+    """Joins the job; call before any other JAX call that touches devices. Returns whether
+    `jax.distributed` was initialised.
+
+    Explicit flags win (all three, or none; one process needs no coordinator and initialises nothing).
+    Without them: `from_environment=True` joins the cluster JAX detects by itself (a CLI's
+    `--distributed`), `False` stays one process, `None` (default) joins when a known cluster environment
+    variable is set (Slurm, Open MPI, TPU pods, `JAX_COORDINATOR_ADDRESS`)."""
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise ValueError("--coordinator_address, --num_processes and --process_id go together: got "
+        raise ValueError("coordinator address, number of processes and process id go together: got "
                          f"{coordinator_address!r}, {num_processes!r}, {process_id!r}")
     if all(given):
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(f"process_id {process_id} must be in [0, num_processes={num_processes})")
+            raise ValueError(f"process id {process_id} is outside [0, {num_processes})")
+        if num_processes == 1:
+            return False
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    local_device_ids=local_device_ids)
         return True
-    if any(name in os.environ for name in _CLUSTER_ENV):
+    if from_environment is None:
+        from_environment = any(name in os.environ for name in _CLUSTER_ENV)
+    if from_environment:
         jax.distributed.initialize()
-        return True
-    return False
+    return bool(from_environment)
 
 
 def process_rows(global_batch: int, process_index: Optional[int] = None,

@@ -80,14 +80,10 @@ def run(args) -> Optional[dict]:
     except ImportError:
         raise ValueError("python -m twotower_jax.evaluate needs lm-evaluation-harness: pip install "
                          "'twotower-jax[eval]'") from None
-    import jax
+    from twotower_jax import distributed
     from twotower_jax.lm_eval_model import TwoTowerLM
-    if args.coordinator_address or args.num_processes or args.process_id is not None:
-        if None in (args.coordinator_address, args.num_processes, args.process_id):
-            raise ValueError("--coordinator-address, --num-processes and --process-id go together")
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           from_environment=args.distributed)
     model_args = f"checkpoint={args.checkpoint}" + (f",{args.model_args}" if args.model_args else "")
     lm = TwoTowerLM.create_from_arg_string(model_args, {"batch_size": args.batch_size})
     tasks = [t for t in args.tasks.split(",") if t]
