@@ -21,6 +21,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("ar_workdir", None, "train_ar.py's --workdir", required=True)
 flags.DEFINE_string("denoiser_workdir", None, "train_denoiser.py's --workdir", required=True)
 flags.DEFINE_multi_string("commands", [], "the exact commands that made the runs, in order")
+flags.DEFINE_multi_string("notes", [], "paragraphs after the commands (e.g. how an interrupted run was resumed)")
 flags.DEFINE_string("out", str(DEMO_DIR), "where the packaged checkpoint goes")
 
 
@@ -45,8 +46,12 @@ def main(argv):
         "",
         f"A miniature TwoTower ({config.pattern}, hidden {config.hidden_size}, byte vocabulary "
         f"{config.vocab_size}; {count_params(params['context']):,} params per tower), trained from scratch on a "
-        "2-core CPU with this repository's own code and offline data (`twotower_jax.data`: procedural tasks "
-        "and stdlib docstrings). Stored in float32.",
+        "2-core CPU with this repository's own code and offline data (`twotower_jax.data`). Stored in float32.",
+        "",
+        "Its tasks (`twotower_jax/data/tasks.py`): copy, reverse and sort of 3..8 lowercase letters, and sums "
+        "of two 1..2-digit numbers, in equal shares. A prompt is held out iff the CRC32 of its text falls in one "
+        "bucket of ten; training never sees a held-out prompt, and every evaluation (sweep, `make demo`) uses "
+        "held-out prompts only.",
         "",
         "## How it was made",
         "",
@@ -54,6 +59,7 @@ def main(argv):
         *FLAGS.commands,
         "```",
         "",
+        *[line for note in FLAGS.notes for line in (note, "")],
         "Training is deterministic in its flags (data and noise are pure functions of seed and step; an",
         "interrupted run resumes exactly), so these commands reproduce the weights up to floating-point",
         "differences between machines.",
