@@ -180,3 +180,60 @@ def test_distributed_initialize_checks_its_flags():
     assert distributed.process_rows(8, 1, 4) == slice(2, 4)
     with pytest.raises(ValueError, match="does not split evenly"):
         distributed.process_rows(6, 0, 4)
+
+
+def test_router_bias_update_balances_expert_load():
+    """Aux-loss-free balancing (training/load_balance.py, Megatron's rule): in a train step the routers'
+    correction biases move by rate · sign(mean load − load) and nothing else changes; repeated on a
+    router skewed towards one expert, the load evens out."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from twotower_jax.config import tiny
+    from twotower_jax.tower import Impl
+    from twotower_jax.training import load_balance
+    from twotower_jax.training.loop import TrainConfig, make_optimizer, make_train_step
+    from twotower_jax.training.objective import diffusion_loss
+    from twotower_jax.two_tower import TwoTower
+
+    config = tiny(pattern="M*E", n_routed_experts=4, num_experts_per_tok=2)
+    model = TwoTower(config, impl=Impl(moe="dense"))
+    params = model.random_params(seed=0, scale=0.3)
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 4, config.vocab_size)
+    loss = functools.partial(diffusion_loss, model=model, block_size=4, mask_token_id=3, expert_load=True)
+    rate = 1e-3
+    results = {}
+    for r in (0.0, rate):
+        cfg = TrainConfig(steps=5, warmup_steps=1, expert_bias_update_rate=r)
+        trainable = jax.tree.map(jnp.array, params["denoiser"])
+        step = make_train_step(loss, cfg)
+        results[r] = step(trainable, make_optimizer(cfg).init(trainable), params["context"], tokens,
+                          jax.random.key(2), 0)
+    (plain, _, plain_metrics), (balanced, _, metrics) = results[0.0], results[rate]
+    assert 1.0 <= float(metrics["expert_load_max_over_mean"]) and float(metrics["expert_load_min_over_mean"]) <= 1.0
+    _, direct = loss(params["denoiser"], params["context"], tokens, jax.random.key(2))
+    (layer, load), = direct["expert_load"].items()
+    assert layer == ("layers_2", "mixer") and float(load.sum()) == tokens.size * 2   # every token, top-2
+    delta = np.asarray(balanced["layers_2"]["mixer"]["e_score_correction_bias"]
+                       - plain["layers_2"]["mixer"]["e_score_correction_bias"])
+    np.testing.assert_allclose(delta, rate * np.sign(np.asarray(load).mean() - np.asarray(load)), atol=1e-7)
+    for path, a in jax.tree_util.tree_leaves_with_path(plain):
+        if "e_score_correction_bias" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(a, functools.reduce(lambda node, key: node[key.key], path, balanced))
+
+    # a router skewed to expert 0 (bias +0.5) evens out under repeated updates (rate 0.01)
+    skewed = jax.tree.map(jnp.array, params["denoiser"])
+    skewed["layers_2"]["mixer"]["e_score_correction_bias"] = jnp.asarray([0.5, 0.0, 0.0, 0.0], jnp.float32)
+
+    @jax.jit
+    def rebalance(p):
+        _, m = loss(p, params["context"], tokens, jax.random.key(2))
+        return load_balance.update_expert_bias(p, m["expert_load"], 0.01), load_balance.load_metrics(m["expert_load"])
+
+    _, before = rebalance(skewed)
+    for _ in range(80):
+        skewed, after = rebalance(skewed)
+    assert float(before["expert_load_max_over_mean"]) > 1.5
+    assert float(after["expert_load_max_over_mean"]) < float(before["expert_load_max_over_mean"]) - 0.3

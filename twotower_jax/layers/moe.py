@@ -208,6 +208,9 @@ class MoE(nn.Module):
 
         tokens = x.reshape(-1, d)
         weights, idx = route(tokens, gate_weight, correction_bias, cfg)
+        # Expert load (assignments per expert) for training's load balancing; recorded only when the
+        # caller asks for the "intermediates" collection (training.load_balance).
+        self.sow("intermediates", "tokens_per_expert", jnp.zeros((e,), jnp.float32).at[idx.reshape(-1)].add(1.0))
         impl = resolve_moe_impl(self.impl, tokens.shape[0], jax.default_backend())
         dispatch = _DISPATCH.get(impl)
         if dispatch is None:

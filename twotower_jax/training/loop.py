@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from twotower_jax import distributed
 from twotower_jax.progress import Progress
-from twotower_jax.training import parallel
+from twotower_jax.training import load_balance, parallel
 
 LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
 BatchFn = Callable[[int], Any]
@@ -67,6 +67,9 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 10
     keep_checkpoints: int = 2
+    # Aux-loss-free router balancing (training.load_balance; Megatron's rate when enabled: 1e-3). Acts
+    # when the loss reports "expert_load" (diffusion_loss(..., expert_load=True)); 0 only logs the loads.
+    expert_bias_update_rate: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -123,6 +126,11 @@ def make_train_step(loss_fn: LossFn, cfg: TrainConfig, mesh: Optional[Mesh] = No
         grads, metrics = parallel.accumulated_grads(loss_fn, params, frozen, batch, rng, grad_accum)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        loads = metrics.pop(load_balance.METRIC, None)
+        if loads is not None:
+            if cfg.expert_bias_update_rate:
+                params = load_balance.update_expert_bias(params, loads, cfg.expert_bias_update_rate)
+            metrics = {**metrics, **load_balance.load_metrics(loads)}
         if mesh is not None:   # pin the new state to its layout (GSPMD could pick another for outputs)
             params = jax.lax.with_sharding_constraint(params, parallel.state_shardings(params, mesh))
             opt_state = jax.lax.with_sharding_constraint(opt_state, parallel.state_shardings(opt_state, mesh))

@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 from twotower_jax.cache import AttentionCache, BlockwiseTowerContext, MambaCache
 from twotower_jax.ops.ssd import ssd_block_states
 from twotower_jax.tower import NemotronH, NemotronHTower, Params
+from twotower_jax.training.load_balance import expert_loads
 from twotower_jax.two_tower import TwoTower
 
 T_MIN = 1e-3
@@ -106,10 +107,15 @@ def noise_tokens(rng: jax.Array, tokens: Int[Array, "b l"], mask_token_id: int, 
 
 
 def denoiser_logits(model: TwoTower, denoiser_params: Params, noisy: Int[Array, "b l"],
-                    context: BlockwiseTowerContext, t: Float[Array, "b"]) -> Float[Array, "b l v"]:
-    """The denoiser's float32 logits for every block of a noised sequence, in one pass."""
-    return model.denoiser_module.apply({"params": denoiser_params}, noisy, context, t,
-                                       method=NemotronHTower.denoise_blockwise)
+                    context: BlockwiseTowerContext, t: Float[Array, "b"], *, with_expert_load: bool = False):
+    """The denoiser's float32 logits (b, l, v) for every block of a noised sequence, in one pass; with
+    `with_expert_load`, (logits, {MoE layer path: tokens per expert (E,)}) (`training.load_balance`)."""
+    if not with_expert_load:
+        return model.denoiser_module.apply({"params": denoiser_params}, noisy, context, t,
+                                           method=NemotronHTower.denoise_blockwise)
+    logits, state = model.denoiser_module.apply({"params": denoiser_params}, noisy, context, t,
+                                                method=NemotronHTower.denoise_blockwise, mutable=["intermediates"])
+    return logits, expert_loads(state.get("intermediates", {}))
 
 
 def masked_mean(values: Float[Array, "..."], weights: Bool[Array, "..."]) -> Float[Array, ""]:
@@ -119,16 +125,24 @@ def masked_mean(values: Float[Array, "..."], weights: Bool[Array, "..."]) -> Flo
 
 def diffusion_loss(denoiser_params: Params, context_params: Params, tokens: Int[Array, "b l"],
                    rng: jax.Array, *, model: TwoTower, block_size: int, mask_token_id: int,
-                   t_min: float = T_MIN) -> tuple[Float[Array, ""], dict[str, Any]]:
-    """Mean cross-entropy over masked positions (no 1/t). Returns (loss, metrics)."""
+                   t_min: float = T_MIN, expert_load: bool = False) -> tuple[Float[Array, ""], dict[str, Any]]:
+    """Mean cross-entropy over masked positions (no 1/t). Returns (loss, metrics); with `expert_load`
+    the metrics also hold "expert_load", the denoiser's per-layer router loads (the training step turns
+    them into the routers' bias update and load statistics: `training.load_balance`)."""
     _check_sequence(tokens, block_size)
     noisy, masked, t = noise_tokens(rng, tokens, mask_token_id, t_min)
     context = blockwise_context(model.context, context_params, tokens, block_size)
-    logits = denoiser_logits(model, denoiser_params, noisy, context, t)
+    logits = denoiser_logits(model, denoiser_params, noisy, context, t, with_expert_load=expert_load)
+    loads = None
+    if expert_load:
+        logits, loads = logits
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
     loss = masked_mean(ce, masked)
     accuracy = masked_mean(jnp.argmax(logits, -1) == tokens, masked)
-    return loss, {"loss": loss, "masked_accuracy": accuracy, "masked_fraction": masked.mean()}
+    metrics = {"loss": loss, "masked_accuracy": accuracy, "masked_fraction": masked.mean()}
+    if loads is not None:
+        metrics["expert_load"] = loads
+    return loss, metrics
 
 
 def ar_loss(params: Params, frozen: Any, tokens: Int[Array, "b l"], rng: jax.Array, *, model: NemotronH
