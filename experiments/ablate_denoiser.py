@@ -16,8 +16,7 @@ from sweep_sampler import QUICK_SETTINGS, sweep
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("run", [], "NAME=CHECKPOINT_DIR (WORKDIR/checkpoint of train_denoiser.py)")
-flags.DEFINE_string("out", None, "JSON file to write (a .md table goes next to it)", required=True)
-flags.DEFINE_integer("n_tasks", 512, "held-out tasks scored per setting")
+# --out (JSON; a .md table goes next to it) and --n_tasks are sweep_sampler's flags, shared.
 
 
 def main(argv):
