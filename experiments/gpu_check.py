@@ -5,7 +5,7 @@ recorded, the next section runs), and the whole run keeps to --budget-s:
   ssd          the Mamba-2 scan: sequential (the reference), chunked (XLA), pallas (Triton) and
                pallas_mosaic (Mosaic GPU, Hopper) at the real layer's sizes (H=64, P=64, N=128, G=8),
                lengths 1k and 4k, bf16 x/B/C: max relative error vs the reference and ms, fwd and fwd+bwd;
-  moe          the MoE dispatches (dense, ragged, gather, expert_parallel) at the real expert sizes
+  moe          the MoE dispatches (dense, ragged, grouped, gather, expert_parallel) at the real expert sizes
                (128 experts, top-6, D=2688, F=1856), bf16, at a decode and a prefill token count:
                max relative error vs dense and ms;
   tower        one tower of a ~1B shrunk Nemotron-3-Nano (the real widths and vocabulary, 6 layers, 16

@@ -47,7 +47,8 @@ from twotower_jax.tower import Impl, NemotronH
 from twotower_jax.two_tower import TwoTower
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"   # marks checkpoints trained on twotower_jax.data's byte ids
-MOE_IMPLS = {"auto": "auto", "simple": "dense", "ragged": "ragged", "gather": "gather"}  # CLI name -> Impl.moe
+MOE_IMPLS = {"auto": "auto", "simple": "dense", "ragged": "ragged", "grouped": "grouped",
+             "gather": "gather"}  # CLI name -> Impl.moe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mamba scan: reference (sequential), xla (chunked), pallas (Triton kernel), mosaic (Mosaic "
                         "GPU kernel, Hopper), auto (the default: xla everywhere until a kernel passes on a GPU)")
     p.add_argument("--moe-impl", choices=sorted(MOE_IMPLS), default="auto",
-                   help="MoE dispatch: simple (dense reference), ragged, gather; auto: gather for decode-sized calls, "
+                   help="MoE dispatch: simple (dense reference), ragged, grouped, gather (legacy); auto: grouped for "
+                        "decode-sized calls, "
                         "else simple on CPU and ragged elsewhere (sharded: always the expert-parallel dispatch)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string (repeatable; needs the checkpoint's tokenizer): each row is cut before its "
