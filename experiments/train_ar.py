@@ -8,7 +8,7 @@ the end, the tower as a checkpoint at WORKDIR/checkpoint (usable by `python -m t
 """
 from absl import app, flags
 
-from train_flags import FLAGS, data_settings, define_training_flags, train_config
+from train_flags import FLAGS, data_settings, define_training_flags, scale_settings, train_config
 from twotower_jax.training.recipes import demo_config, train_ar_tower
 
 define_training_flags(steps=3000, peak_lr=2e-3, final_lr=2e-5, data_seed=0)
@@ -17,8 +17,9 @@ flags.DEFINE_integer("hidden_size", 64, "width of the demo backbone (recipes.dem
 
 def main(argv):
     del argv
+    scale = scale_settings()
     path = train_ar_tower(FLAGS.workdir, train_config(), data_settings(), demo_config(FLAGS.hidden_size),
-                          stop_after=FLAGS.stop_after)
+                          stop_after=FLAGS.stop_after, **scale)
     print(f"tower checkpoint: {path}" if path else f"stopped after step {FLAGS.stop_after}; rerun to resume")
 
 

@@ -12,7 +12,7 @@ end, the TwoTower at WORKDIR/checkpoint (usable by `generate --checkpoint` and e
 """
 from absl import app, flags
 
-from train_flags import FLAGS, data_settings, define_training_flags, train_config
+from train_flags import FLAGS, data_settings, define_training_flags, scale_settings, train_config
 from twotower_jax.training.objective import T_MIN
 from twotower_jax.training.recipes import DenoiserRecipe, train_denoiser
 
@@ -32,8 +32,9 @@ def main(argv):
                        for size, fraction in (item.split(":") for item in FLAGS.curriculum))
     recipe = DenoiserRecipe(curriculum=curriculum, t_low=FLAGS.t_low, t_high=FLAGS.t_high,
                             answers_only=FLAGS.answers_only)
+    scale = scale_settings()
     path = train_denoiser(FLAGS.context_checkpoint, FLAGS.workdir, train_config(), data_settings(), recipe=recipe,
-                          stop_after=FLAGS.stop_after)
+                          stop_after=FLAGS.stop_after, **scale)
     print(f"TwoTower checkpoint: {path}" if path else f"stopped after step {FLAGS.stop_after}; rerun to resume")
 
 

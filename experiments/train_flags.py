@@ -24,12 +24,33 @@ def define_training_flags(*, steps: int, peak_lr: float, final_lr: float, data_s
     flags.DEFINE_integer("data_seed", data_seed, "training stream seed")
     flags.DEFINE_integer("save_every", 250, "checkpoint interval (steps)")
     flags.DEFINE_integer("stop_after", None, "stop after this step (resume later with the same flags)")
+    # scale: a mesh, several processes, memory
+    flags.DEFINE_integer("mesh_data", 0, "train sharded on a mesh of every device with this many data-parallel "
+                         "(FSDP) groups, experts split over the rest (training/parallel.py); 0: one device")
+    flags.DEFINE_integer("grad_accum", 1, "micro-batches per step (batch_size must split evenly)")
+    flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "rematerialisation per layer of the trained tower")
+    flags.DEFINE_float("expert_bias_update_rate", 0.0, "aux-loss-free router balancing (Megatron's 1e-3 when on)")
+    flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT (multi-host)")
+    flags.DEFINE_integer("num_processes", None, "jax.distributed: number of processes")
+    flags.DEFINE_integer("process_id", None, "jax.distributed: this process's index")
+
+
+def scale_settings() -> dict:
+    """Joins a multi-process job when its flags (or a detected cluster) say so — call first in main —
+    and returns the `train_*` keyword arguments for the mesh, accumulation and remat."""
+    from twotower_jax import distributed
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    mesh = None
+    if FLAGS.mesh_data:
+        from twotower_jax.training.parallel import train_mesh
+        mesh = train_mesh(data=FLAGS.mesh_data)
+    return {"mesh": mesh, "grad_accum": FLAGS.grad_accum, "remat": FLAGS.remat}
 
 
 def train_config() -> TrainConfig:
     return TrainConfig(steps=FLAGS.steps, peak_lr=FLAGS.peak_lr, final_lr=FLAGS.final_lr,
                        warmup_steps=FLAGS.warmup_steps, decay_fraction=FLAGS.decay_fraction, seed=FLAGS.seed,
-                       save_every=FLAGS.save_every)
+                       save_every=FLAGS.save_every, expert_bias_update_rate=FLAGS.expert_bias_update_rate)
 
 
 def data_settings() -> DataSettings:

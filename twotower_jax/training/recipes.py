@@ -112,18 +112,20 @@ def _write_run(workdir: Path, **record) -> None:
 
 def train_ar_tower(workdir: str | Path, train_cfg: TrainConfig, data: DataSettings = DataSettings(),
                    config: Optional[NemotronHConfig] = None, *, stop_after: Optional[int] = None,
-                   progress: Optional[bool] = None, on_log: Optional[Callable] = None) -> Path:
-    """Trains a tower from scratch; returns the path of its checkpoint (None if stopped early)."""
+                   progress: Optional[bool] = None, on_log: Optional[Callable] = None, mesh=None,
+                   grad_accum: int = 1, remat: str = "none") -> Path:
+    """Trains a tower from scratch; returns the path of its checkpoint (None if stopped early). `mesh`,
+    `grad_accum`: as `loop.train`; `remat`: `Impl.remat` of the tower."""
     workdir = Path(workdir)
     config = config or demo_config()
-    model = NemotronH(config, impl=Impl())
+    model = NemotronH(config, impl=Impl(remat=remat))
     params = model.init_params(jax.random.key(train_cfg.seed))
     stream = data.stream()
     workdir.mkdir(parents=True, exist_ok=True)
     _write_run(workdir, stage="ar", train=dataclasses.asdict(train_cfg), data=dataclasses.asdict(data),
                config=config.to_hf_dict())
     params = train(functools.partial(ar_loss, model=model), params, None, stream.batch, train_cfg, workdir,
-                   stop_after=stop_after, progress=progress, on_log=on_log)
+                   stop_after=stop_after, progress=progress, on_log=on_log, mesh=mesh, grad_accum=grad_accum)
     if stop_after is not None and stop_after < train_cfg.steps:
         return None
     save_params_orbax(workdir / CHECKPOINT, TOWER, config, params, overwrite=True)
@@ -139,8 +141,9 @@ def denoiser_stages(model: TwoTower, data: DataSettings, steps: int, recipe: Den
         if data.seq_len % block_size:
             raise ValueError(f"seq_len {data.seq_len} is not a multiple of the curriculum's block size {block_size}")
         stream = data.stream(block_size)
-        if recipe.is_spec_objective():
-            loss = functools.partial(diffusion_loss, model=model, block_size=block_size, mask_token_id=MASK_ID)
+        if recipe.is_spec_objective():   # with the routers' loads (metrics; the bias update when enabled)
+            loss = functools.partial(diffusion_loss, model=model, block_size=block_size, mask_token_id=MASK_ID,
+                                     expert_load=True)
         else:
             loss = functools.partial(variant_diffusion_loss, model=model, block_size=block_size,
                                      mask_token_id=MASK_ID, t_low=recipe.t_low, t_high=recipe.t_high,
@@ -153,16 +156,20 @@ def denoiser_stages(model: TwoTower, data: DataSettings, steps: int, recipe: Den
 def train_denoiser(context_checkpoint: str | Path, workdir: str | Path, train_cfg: TrainConfig,
                    data: DataSettings = DataSettings(), *, recipe: DenoiserRecipe = DenoiserRecipe(),
                    stop_after: Optional[int] = None, progress: Optional[bool] = None,
-                   on_log: Optional[Callable] = None) -> Path:
+                   on_log: Optional[Callable] = None, mesh=None, grad_accum: int = 1, remat: str = "none") -> Path:
     """Trains the denoiser of a TwoTower built on a frozen AR tower checkpoint; returns the TwoTower
-    checkpoint path (None if stopped early). Blocks of `data.block_size` (after `recipe.curriculum`)."""
+    checkpoint path (None if stopped early). Blocks of `data.block_size` (after `recipe.curriculum`).
+    `mesh`, `grad_accum`: as `loop.train`; `remat`: `Impl.remat` (the frozen context pass needs none)."""
+    if train_cfg.expert_bias_update_rate and not recipe.is_spec_objective():
+        raise ValueError("expert_bias_update_rate needs the SPEC objective (the variant losses report no "
+                         "router loads)")
     workdir = Path(workdir)
     kind, config, context = load_checkpoint(context_checkpoint)
     if kind != TOWER:
         raise ValueError(f"{context_checkpoint}: expected a single-tower checkpoint, got {kind}")
     if data.block_size is None:
         raise ValueError("the denoiser trains on blocks: data.block_size must be set")
-    model = TwoTower(config, impl=Impl())
+    model = TwoTower(config, impl=Impl(remat=remat))
     adaln = identity_adaln_params(model, jax.random.key(train_cfg.seed))
     params = two_tower_params_from_tower(context, adaln)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +177,7 @@ def train_denoiser(context_checkpoint: str | Path, workdir: str | Path, train_cf
                train=dataclasses.asdict(train_cfg), data=dataclasses.asdict(data), recipe=dataclasses.asdict(recipe))
     stages = denoiser_stages(model, data, train_cfg.steps, recipe)
     denoiser = train(stages, params["denoiser"], params["context"], None, train_cfg, workdir,
-                     stop_after=stop_after, progress=progress, on_log=on_log)
+                     stop_after=stop_after, progress=progress, on_log=on_log, mesh=mesh, grad_accum=grad_accum)
     if stop_after is not None and stop_after < train_cfg.steps:
         return None
     save_params_orbax(workdir / CHECKPOINT, TWO_TOWER, config, {"context": params["context"], "denoiser": denoiser},
