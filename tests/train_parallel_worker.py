@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -23,6 +24,7 @@ def main():
     parser.add_argument("--runs", nargs="*", default=[], help="NAME=LOSS,BATCH,GRAD_ACCUM,DATA,EXPERT")
     parser.add_argument("--loop_workdir", help="also train through loop.train here (diffusion, data=2 mesh)")
     parser.add_argument("--stop_after", type=int, help="loop.train stops after this step (an interruption)")
+    parser.add_argument("--kill_at_step", type=int, help="SIGKILL this process once loop.train has logged this step")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--coordinator_address")
     parser.add_argument("--num_processes", type=int)
@@ -85,6 +87,10 @@ def main():
         flat = {jax.tree_util.keystr(p): v.tolist() for p, v in jax.tree_util.tree_leaves_with_path(gathered)}
         return {"losses": losses, "params": flat, "layout": layout}
 
+    def kill_at(record):
+        if record["step"] == args.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def loop_run(workdir: str, stop_after) -> dict:
         """loop.train on a data=2 mesh: checkpoints every 5 steps, metrics every step."""
         from twotower_jax.training.loop import read_metrics, train
@@ -93,7 +99,7 @@ def main():
         batches = np.random.default_rng(1).integers(4, config.vocab_size, (args.steps, 8, 16)).astype(np.int32)
         loop_cfg = dataclasses.replace(cfg, save_every=5, log_every=1)
         final = train(loss_fn, params["denoiser"], params["context"], lambda step: batches[step], loop_cfg,
-                      workdir, stop_after=stop_after, progress=False,
+                      workdir, stop_after=stop_after, progress=False, on_log=kill_at,
                       mesh=parallel.train_mesh(n_devices=2, data=2))
         gathered = jax.tree.map(lambda x: np.asarray(jax.device_get(
             multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x), np.float64), final)
