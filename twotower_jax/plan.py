@@ -141,18 +141,7 @@ def memory_plan(config, *, mode: str = "diffusion", placement="single", n_device
     both = mode != "ar" if two_tower_params is None else two_tower_params
     if not both and kind == "towers":   # one tower's params: all of them on the context group
         kind, n_devices = ("sharded", n_devices // 2) if n_devices > 2 else ("single", 1)
-    mesh = sharding.abstract_mesh(kind, n_devices, data=data, tensor=tensor)
-    compiled_on = None
-    if compile:
-        pool = list(devices) if devices is not None else jax.devices()
-        if len(pool) < n_devices:
-            pool = jax.devices("cpu")
-        if len(pool) < n_devices:
-            raise ValueError(f"compiling the plan for {n_devices} devices needs {n_devices} devices of one platform; "
-                             f"found {len(pool)} ({pool[0].platform}). Run `python -m twotower_jax.plan` (it sets up "
-                             f"fake CPU devices) or pass compile=False")
-        mesh = sharding.make_mesh(kind, pool, n_devices=n_devices, data=data, tensor=tensor)
-        compiled_on = f"{pool[0].platform} ({pool[0].device_kind})"
+    mesh, compiled_on = _plan_mesh(kind, n_devices, data, tensor, compile, devices)
 
     impl = Impl(moe=moe)
     model = TwoTower(config, dtype, dtype, impl) if both else NemotronH(config, dtype, dtype, impl)
@@ -270,18 +259,33 @@ def compile_programs(model, mode: str, placement, mesh, *, batch: int = 1, conte
     return out
 
 
+def _plan_mesh(kind: str, n_devices: int, data: int, tensor: int, compile: bool, devices):
+    """(mesh, where it compiles): an abstract mesh when nothing compiles; otherwise a real one over
+    `devices` (default: the runtime's, else the CPU's), "platform (device kind)"."""
+    import jax
+
+    from twotower_jax import sharding
+    if not compile:
+        return sharding.abstract_mesh(kind, n_devices, data=data, tensor=tensor), None
+    sharding.mesh_shape(kind, n_devices, data=data, tensor=tensor)   # a bad layout fails before devices are sought
+    pool = list(devices) if devices is not None else jax.devices()
+    if len(pool) < n_devices:
+        pool = jax.devices("cpu")
+    if len(pool) < n_devices:
+        raise ValueError(f"compiling the plan for {n_devices} devices needs {n_devices} devices of one platform; "
+                         f"found {len(pool)} ({pool[0].platform}). Run `python -m twotower_jax.plan` (it sets up "
+                         f"fake CPU devices) or pass compile=False")
+    mesh = sharding.make_mesh(kind, pool, n_devices=n_devices, data=data, tensor=tensor)
+    return mesh, f"{pool[0].platform} ({pool[0].device_kind})"
+
+
 # --- training ------------------------------------------------------------------------------------------
 
-def train_rules() -> dict:
-    """The training layout's rules: the inference `sharded` rules plus FSDP (`embed` over `data`); the same
-    table as `twotower_jax.training.parallel.TRAIN_PLACEMENT`."""
-    from twotower_jax import sharding
-    return {**sharding.RULES["sharded"], "embed": sharding.DATA_AXIS}
-
-
 def train_placement():
-    from twotower_jax import sharding
-    return sharding.Placement("sharded", tuple(sorted(train_rules().items())))
+    """The training layout (`twotower_jax.training.parallel.TRAIN_PLACEMENT`: the inference `sharded` rules
+    plus FSDP, `embed` over `data`)."""
+    from twotower_jax.training.parallel import TRAIN_PLACEMENT
+    return TRAIN_PLACEMENT
 
 
 @dataclasses.dataclass
@@ -407,18 +411,7 @@ def memory_plan_train(config, *, n_devices: int = 1, data: int = 1, tensor: int 
     dtype = jnp.bfloat16 if dtype is None else dtype
     master_dtype = jnp.float32 if master_dtype is None else master_dtype
     kind = "single" if n_devices == 1 else "sharded"
-    mesh = sharding.abstract_mesh(kind, n_devices, data=data, tensor=tensor)
-    compiled_on = None
-    if compile:
-        pool = list(devices) if devices is not None else jax.devices()
-        if len(pool) < n_devices:
-            pool = jax.devices("cpu")
-        if len(pool) < n_devices:
-            raise ValueError(f"compiling the plan for {n_devices} devices needs {n_devices} devices of one platform; "
-                             f"found {len(pool)} ({pool[0].platform}). Run `python -m twotower_jax.plan` (it sets up "
-                             f"fake CPU devices) or pass compile=False")
-        mesh = sharding.make_mesh(kind, pool, n_devices=n_devices, data=data, tensor=tensor)
-        compiled_on = f"{pool[0].platform} ({pool[0].device_kind})"
+    mesh, compiled_on = _plan_mesh(kind, n_devices, data, tensor, compile, devices)
     placement = train_placement()
     model, master, opt_state, frozen = train_state_shapes(config, dtype=dtype, master_dtype=master_dtype)
     params_b = sharding.param_bytes_per_device(master, placement, mesh)
