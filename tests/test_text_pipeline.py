@@ -1,5 +1,6 @@
 """The grain text pipeline: packing (documents separated by EOS, no token lost), exact resume of the
-iterator from its saved state (also through `TextBatches`, the training loop's batch_fn), per-host shards
+iterator from its saved state (also through `TextBatches`, the training loop's batch_fn, whose position
+`loop.train` keeps inside the orbax checkpoint step), per-host shards
 disjoint and covering, the JSONL / Parquet / ArrayRecord sources agreeing, and the local tokenizer CLI.
 A small BPE tokenizer is trained here with `tokenizers`; nothing is downloaded."""
 import json
@@ -90,22 +91,109 @@ def test_iterator_resumes_exactly_from_saved_state(corpus):
             np.testing.assert_array_equal(next(resumed), reference[j], err_msg=f"resumed at {k}, batch {j}")
 
 
-def test_text_batches_resume_like_an_uninterrupted_run(corpus, tmp_path):
+def test_text_batches_resume_from_their_data_state(corpus):
     uninterrupted = tp.TextBatches(pipeline(corpus, num_epochs=None))
     reference = [uninterrupted(i) for i in range(20)]
-    # a run that stops after step 8 (batches 0..7), saving every 3 steps, then resumes in a new process
-    first = tp.TextBatches(pipeline(corpus, num_epochs=None), tmp_path / "data_state", save_every=3, keep=2)
+    assert uninterrupted.process_local and uninterrupted.batches_read == 20
+    # a run that read batches 0..7, its position saved as JSON (what loop.train puts in the checkpoint)
+    first = tp.TextBatches(pipeline(corpus, num_epochs=None))
     for i in range(8):
         np.testing.assert_array_equal(first(i), reference[i])
-    assert first.saved_indices() == [3, 6]
-    second = tp.TextBatches(pipeline(corpus, num_epochs=None), tmp_path / "data_state", save_every=3, keep=2)
-    for i in range(8, 20):   # restores the state before batch 6 and reads on to 8
+    saved = json.loads(json.dumps(first.data_state()))
+    assert saved["next_batch"] == 8 and saved["pipeline"]["shard_count"] == 1
+    second = tp.TextBatches(pipeline(corpus, num_epochs=None))
+    second.restore_data_state(saved)
+    for i in range(8, 20):
         np.testing.assert_array_equal(second(i), reference[i], err_msg=f"batch {i}")
-    assert second.saved_indices() == [15, 18]
-    # asking again for an earlier batch (a run restarted from an older checkpoint) also works
-    third = tp.TextBatches(pipeline(corpus, num_epochs=None), tmp_path / "data_state", save_every=3)
-    np.testing.assert_array_equal(third(16), reference[16])
-    np.testing.assert_array_equal(third(2), reference[2])
+    assert second.batches_read == 12             # read on from the saved position, nothing before it
+    np.testing.assert_array_equal(second(16), reference[16])   # an earlier batch: from the start
+    np.testing.assert_array_equal(second(2), reference[2])
+    # a position saved by another pipeline (here: another seed / row length) is refused, as is junk
+    for other in (dict(seed=6), dict(seq_len=8)):
+        with pytest.raises(ValueError, match="another pipeline"):
+            tp.TextBatches(pipeline(corpus, num_epochs=None, **other)).restore_data_state(saved)
+    with pytest.raises(ValueError, match="not a TextBatches data state"):
+        second.restore_data_state({"iterator": {}})
+
+
+def _train_on_text(corpus, workdir, steps=8, stop_after=None, batch_fn=None):
+    """A tiny AR tower trained by loop.train on the text pipeline (or on `batch_fn(feed)`);
+    (final params, feed, logged losses)."""
+    import dataclasses
+    import functools
+
+    import jax
+
+    from twotower_jax.config import tiny
+    from twotower_jax.tower import Impl, NemotronH
+    from twotower_jax.training.loop import TrainConfig, read_metrics, train
+    from twotower_jax.training.objective import ar_loss
+
+    feed = tp.TextBatches(pipeline(corpus, num_epochs=None))
+    model = NemotronH(dataclasses.replace(tiny(pattern="M*"), vocab_size=feed.pipeline.vocab_size),
+                      impl=Impl(moe="dense"))
+    cfg = TrainConfig(steps=steps, peak_lr=3e-3, warmup_steps=2, save_every=3, log_every=1)
+    final = train(functools.partial(ar_loss, model=model), model.random_params(seed=0, scale=0.3), None,
+                  feed if batch_fn is None else batch_fn(feed), cfg, workdir, stop_after=stop_after, progress=False)
+    return jax.device_get(final), feed, [r["loss"] for r in read_metrics(workdir)]
+
+
+def test_training_resumes_the_text_stream_from_the_checkpoint(corpus, tmp_path):
+    """loop.train on TextBatches, stopped after step 5 (checkpoints after 3 and 5) and resumed by a new
+    run with a fresh feed == uninterrupted: the data position is an item of the checkpoint step itself
+    (one per process), and the resumed feed reads only batches 5, 6, 7."""
+    import jax
+
+    whole, _, whole_losses = _train_on_text(corpus, tmp_path / "whole")
+    _, stopped, _ = _train_on_text(corpus, tmp_path / "split", stop_after=5)
+    assert stopped.batches_read == 5
+    step_dir = tmp_path / "split" / "checkpoints" / "5"
+    assert sorted(p.name for p in step_dir.iterdir() if not p.name.startswith("_")
+                  and p.is_dir()) == ["data", "state"]
+    item = json.loads((step_dir / "data" / "metadata").read_text())
+    assert item["process_count"] == 1 and item["processes"]["0"][0]["next_batch"] == 5
+    final, resumed, losses = _train_on_text(corpus, tmp_path / "split")
+    assert resumed.batches_read == 3
+    assert not list(tmp_path.rglob("data_state*"))   # nothing beside the checkpoints
+    assert len(losses) == len(whole_losses) == 8
+    np.testing.assert_allclose(losses, whole_losses, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoints_without_a_data_position_are_refused_for_a_text_run(corpus, tmp_path):
+    """A checkpoint step with no `data` item (written by a run on a pure batch_fn, or before data state
+    moved into the checkpoint: the old single-item layout) resumes a pure batch_fn but not a data feed;
+    a data item from another process count is refused too."""
+    import orbax.checkpoint as ocp
+
+    from twotower_jax.training import loop
+
+    _train_on_text(corpus, tmp_path / "text", stop_after=3)
+    # the old layout: one unnamed item with params and opt_state
+    legacy = tmp_path / "legacy" / loop.CHECKPOINTS_DIR
+    with ocp.CheckpointManager(legacy.absolute(), options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        old = ocp.CheckpointManager((tmp_path / "text" / loop.CHECKPOINTS_DIR).absolute(),
+                                    item_handlers={loop.STATE_ITEM: ocp.StandardCheckpointHandler()})
+        state = old.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        old.close()
+        manager.save(3, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+    with pytest.raises(ValueError, match="holds no data position"):
+        _train_on_text(corpus, tmp_path / "legacy")
+
+    def fixed(feed):   # a pure batch_fn (no data state): the legacy step resumes and steps 4, 5 are trained
+        rows = [feed(i) for i in range(5)]
+        return lambda index: rows[index]
+
+    _train_on_text(corpus, tmp_path / "legacy", steps=5, batch_fn=fixed)
+    assert [r["step"] for r in loop.read_metrics(tmp_path / "legacy")] == [4, 5]
+
+    feed = tp.TextBatches(pipeline(corpus, num_epochs=None))
+    with pytest.raises(ValueError, match="written by 2 processes"):
+        loop._restore_feeds([feed], {"format": loop.DATA_FORMAT, "process_count": 2, "processes": {}}, 7)
+    with pytest.raises(ValueError, match="unknown data item format"):
+        loop._restore_feeds([feed], {"format": "x"}, 7)
 
 
 @pytest.mark.parametrize("count", [2, 3])

@@ -72,3 +72,42 @@ def global_array(batch: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Arra
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+
+
+def process_local_array(local: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array of P·b rows from each of P processes' own b rows (b, ...), in process order: process
+    p's rows become global rows [p·b, (p+1)·b). For data each process reads itself (a per-host shard of a
+    text pipeline) rather than computing the whole batch. The sharding must split rows so that process p's
+    devices hold exactly those rows (a mesh whose `data` axis spans the processes in index order, as
+    `jax.devices()` orders them); anything else (rows replicated over processes, an interleaved device
+    order) is refused, since each process's rows would then not be its own."""
+    local = np.asarray(local)
+    count, index = jax.process_count(), jax.process_index()
+    global_shape = (local.shape[0] * count, *local.shape[1:])
+    if count == 1:
+        return jax.device_put(local, sharding)
+    expected = range(index * local.shape[0], (index + 1) * local.shape[0])
+    held = set()
+    for slices in sharding.addressable_devices_indices_map(global_shape).values():
+        held.update(range(*slices[0].indices(global_shape[0])) if slices else range(global_shape[0]))
+    if held != set(expected):
+        raise ValueError(
+            f"process {index} of {count} feeds its own {local.shape[0]} rows as global rows "
+            f"[{expected.start}, {expected.stop}), but the batch sharding puts rows {sorted(held)[:4]}... "
+            f"({len(held)} rows) on its devices: the mesh's data axis must span the processes in order")
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def allgather_json(value) -> list:
+    """Every process's JSON-serialisable `value`, in process order, on every process (one allgather of
+    lengths, one of the padded UTF-8 bytes). One process: `[value]`."""
+    import json
+    if jax.process_count() == 1:
+        return [json.loads(json.dumps(value))]
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
+    padded = np.zeros((int(lengths.max()),), np.uint8)
+    padded[:len(data)] = data
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(everyone, lengths)]

@@ -13,8 +13,8 @@ a Hugging Face `tokenizers` tokenizer (the release's `tokenizer.json`, or one tr
 Exact resume: the iterator's state (`get_state()`, a small JSON-serialisable dict: the grain parent
 iterator's position before the document being packed and the offset into it) restored with
 `set_state()` continues with exactly the batches an uninterrupted iterator would give. `TextBatches`
-adapts a pipeline to the training loop's `batch_fn(step)` contract and writes that state next to the
-run's checkpoints, so a resumed run reads the same batches.
+adapts a pipeline to the training loop's `batch_fn(step)` contract as a `loop.DataFeed`: the loop saves
+that state inside each orbax checkpoint step (one per process), so a resumed run reads the same batches.
 
 The byte-level demo data (`twotower_jax.data.TrainingStream`) stays the offline default; this module needs
 `grain` and `tokenizers` (the `text` extra; `pyarrow` for Parquet, `array_record` comes with grain).
@@ -44,7 +44,6 @@ import numpy as np
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>")
 EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
-STATE_DIR = "data_state"
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -413,74 +412,61 @@ class TextPipeline:
         return it
 
 
-def state_to_json(state: dict) -> str:
-    return json.dumps(state, sort_keys=True)
-
-
-def state_from_json(text: str) -> dict:
-    return json.loads(text)
-
-
 class TextBatches:
-    """A training-loop `batch_fn`: `batches(i)` is the pipeline's i-th batch (0-based). Reads on in order;
-    when asked for another index (a resumed run asks first for the batch after its checkpoint) it restores
-    the iterator state saved for that index under `state_dir`, or the nearest earlier one and reads on
-    from there (from the start if none): the same batches as an uninterrupted run either way.
+    """A training-loop `batch_fn` and `loop.DataFeed`: `batches(i)` is the pipeline's i-th batch (0-based),
+    this host's (batch_size, seq_len) int32 rows (`process_local`: the loop joins every host's rows, in
+    process order, into the global batch). Reads on in order; asked for a later index it reads on to it,
+    for an earlier one it starts again from the beginning.
 
-    With `state_dir` (e.g. `<workdir>/data_state`) the state before batch i is written as `<i>.json` for
-    every i that is a multiple of `save_every` (use the loop's save_every: the checkpoint after step s is
-    followed by batch s), the newest `keep` kept."""
+    `data_state()` is its position (the index of the next batch, the grain iterator's state before it,
+    and what the pipeline reads: files, shard, shapes, seed); `loop.train` saves it inside each
+    checkpoint step and hands it back with `restore_data_state` on resume, so a resumed run reads exactly
+    the batches an uninterrupted one would. `batches_read` counts the batches this object has drawn from
+    grain (a resumed run draws none before its checkpoint)."""
 
-    def __init__(self, pipeline: TextPipeline, state_dir: str | os.PathLike | None = None, save_every: int = 0,
-                 keep: int = 3):
+    process_local = True
+
+    def __init__(self, pipeline: TextPipeline):
         self.pipeline = pipeline
-        self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.save_every = save_every
-        self.keep = keep
         self._it = pipeline.iterator()
         self._next = 0
+        self.batches_read = 0
 
-    def saved_indices(self) -> list[int]:
-        if self.state_dir is None or not self.state_dir.is_dir():
-            return []
-        return sorted(int(p.stem) for p in self.state_dir.glob("*.json") if p.stem.isdigit())
+    def _identity(self) -> dict:
+        c, p = self.pipeline.config, self.pipeline
+        return {"files": [Path(d).name for d in c.data], "documents": len(p.source), "field": c.field,
+                "seq_len": c.seq_len,
+                "batch_size": c.batch_size, "seed": c.seed, "shuffle": c.shuffle, "num_epochs": c.num_epochs,
+                "shard_index": p.shard_index, "shard_count": p.shard_count, "eos_id": p.eos_id, "bos_id": p.bos_id}
 
-    def _seek(self, index: int) -> None:
-        usable = [i for i in self.saved_indices() if i <= index]
-        if self._next <= index and (not usable or usable[-1] <= self._next):
-            start = None   # reading on from here is no longer than restoring
-        elif usable:
-            start = usable[-1]
-        else:
-            start = 0
-        if start is not None:
-            state = (state_from_json((self.state_dir / f"{start}.json").read_text()) if start in usable else None)
-            self._it = self.pipeline.iterator(state)
-            self._next = start
+    def data_state(self) -> dict:
+        """{"next_batch": i, "iterator": grain state before batch i, "pipeline": what it reads} (JSON)."""
+        return {"next_batch": self._next, "iterator": self._it.get_state(), "pipeline": self._identity()}
+
+    def restore_data_state(self, state: dict) -> None:
+        """Continues from a `data_state()`; refuses one saved by a pipeline reading something else."""
+        if not isinstance(state, dict) or not {"next_batch", "iterator", "pipeline"} <= state.keys():
+            raise ValueError(f"not a TextBatches data state: {str(state)[:200]}")
+        saved, here = state["pipeline"], self._identity()
+        differ = sorted(k for k in saved.keys() | here.keys() if saved.get(k) != here.get(k))
+        if differ:
+            raise ValueError("the saved data position belongs to another pipeline: "
+                             + "; ".join(f"{k} saved {saved.get(k)!r}, now {here.get(k)!r}" for k in differ))
+        self._it = self.pipeline.iterator(state["iterator"])
+        self._next = int(state["next_batch"])
+
+    def __call__(self, index: int) -> np.ndarray:
+        if index < 0:
+            raise IndexError(f"batch index must be >= 0, got {index}")
+        if index < self._next:   # an earlier batch: from the start
+            self._it, self._next = self.pipeline.iterator(), 0
         while self._next < index:
             next(self._it)
             self._next += 1
-
-    def state(self) -> dict:
-        """The iterator's state before batch `self._next`."""
-        return self._it.get_state()
-
-    def _save(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.state_dir / f"{self._next}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(state_to_json(self.state()))
-        tmp.replace(path)
-        for old in self.saved_indices()[:-self.keep]:
-            (self.state_dir / f"{old}.json").unlink(missing_ok=True)
-
-    def __call__(self, index: int) -> np.ndarray:
-        if index != self._next:
-            self._seek(index)
-        if self.state_dir is not None and self.save_every and index % self.save_every == 0:
-            self._save()
+            self.batches_read += 1
         batch = next(self._it)
         self._next += 1
+        self.batches_read += 1
         return batch
 
 

@@ -6,6 +6,18 @@ gets gradients and updates; `frozen` (the context tower when training the denois
 unchanged. Exact resume rests on two facts: the batch of step s is a pure function of s (`batch_fn(s)`),
 and so is its RNG key (`fold_in(key(seed), s)`); a resumed run restores params and optimizer state saved
 after step s and then computes exactly what the uninterrupted run computed.
+
+A batch_fn that reads a stream (the text pipeline's `TextBatches`) is a `DataFeed`: it has
+`data_state()` (a JSON-serialisable dict: its position, before the next batch it will return) and
+`restore_data_state(state)`. Its state is an item of the same orbax checkpoint step as params and
+optimizer state (item `data`, one state per process, keyed by process index: each host reads its own
+shard), so the three are written together and a resumed run reads on exactly where the saved one was.
+A feed with `process_local = True` returns only this process's rows; the global batch is the
+concatenation of every process's rows in process order (`distributed.process_local_array`).
+
+Checkpoint step layout: `<workdir>/checkpoints/<step>/state` (params, opt_state) and, with data feeds,
+`<step>/data` (JSON). Steps written before the data item existed hold one unnamed item (`default`):
+they resume as before for pure batch_fns; a run with a data feed refuses them (no data position).
 """
 from __future__ import annotations
 
@@ -14,7 +26,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +41,20 @@ from twotower_jax.training import load_balance, parallel
 LossFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
 BatchFn = Callable[[int], Any]
 METRICS_FILE = "metrics.jsonl"
+STATE_ITEM, DATA_ITEM, LEGACY_ITEM = "state", "data", "default"   # items of a checkpoint step
+DATA_FORMAT = "twotower_jax.loop.data_state/1"
+
+
+@runtime_checkable
+class DataFeed(Protocol):
+    """A batch_fn whose position is checkpointed (module docstring). `process_local` (optional attribute,
+    default False): it returns this process's rows only."""
+
+    def __call__(self, index: int) -> Any: ...
+
+    def data_state(self) -> dict: ...
+
+    def restore_data_state(self, state: dict) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,13 +191,58 @@ def _to_float(tree) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def _on_devices(batch, mesh: Optional[Mesh], grad_accum: int):
+def _on_devices(batch, mesh: Optional[Mesh], grad_accum: int, process_local: bool = False):
     """A step's batch (an array or a tuple of arrays, rows first) on device: rows over the mesh's `data`
-    axis (each process transferring only its own devices' rows), or on the default device."""
-    parallel.check_grad_accum(grad_accum, len(jax.tree.leaves(batch)[0]), mesh)
+    axis, or on the default device. A global batch (every process computed it whole): each process
+    transfers only its own devices' rows. A `process_local` batch (this process's b rows): the global
+    batch is every process's rows in process order, P·b rows (`distributed.process_local_array`)."""
+    processes = jax.process_count() if process_local else 1
+    parallel.check_grad_accum(grad_accum, len(jax.tree.leaves(batch)[0]) * processes, mesh)
     if mesh is None:
+        if processes > 1:
+            raise ValueError(f"process-local batches from {processes} processes need a mesh spanning them (mesh=)")
         return jax.tree.map(jnp.asarray, batch)
-    return jax.tree.map(distributed.global_array, batch, parallel.batch_shardings(batch, mesh))
+    if not process_local:
+        return jax.tree.map(distributed.global_array, batch, parallel.batch_shardings(batch, mesh))
+    whole = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] * processes, *x.shape[1:]), x.dtype), batch)
+    return jax.tree.map(distributed.process_local_array, batch, parallel.batch_shardings(whole, mesh))
+
+
+def _data_feeds(stages) -> list:
+    """The distinct `DataFeed`s among the stages' batch_fns, in stage order."""
+    feeds = []
+    for stage in stages:
+        if isinstance(stage.batch_fn, DataFeed) and not any(stage.batch_fn is f for f in feeds):
+            feeds.append(stage.batch_fn)
+    return feeds
+
+
+def _data_item(feeds) -> dict:
+    """The checkpoint's `data` item: every process's feed states (gathered; process 0 writes the JSON)."""
+    states = distributed.allgather_json([feed.data_state() for feed in feeds])
+    return {"format": DATA_FORMAT, "process_count": len(states),
+            "processes": {str(index): state for index, state in enumerate(states)}}
+
+
+def _restore_feeds(feeds, item: Optional[dict], step: int) -> None:
+    """Puts each feed back where it was when step `step` was saved (this process's states)."""
+    if not feeds:
+        return
+    if item is None:
+        raise ValueError(
+            f"checkpoint step {step} holds no data position (item {DATA_ITEM!r}): it was written without a data "
+            f"feed, or before data state moved into the checkpoint. Resuming would restart the data stream; "
+            f"start a new workdir (or train on with the batch_fn it was written with)")
+    if item.get("format") != DATA_FORMAT:
+        raise ValueError(f"checkpoint step {step}: unknown data item format {item.get('format')!r}")
+    if item["process_count"] != jax.process_count():
+        raise ValueError(f"checkpoint step {step} was written by {item['process_count']} processes, each reading its "
+                         f"own shard; resuming exactly needs as many (this run has {jax.process_count()})")
+    states = item["processes"][str(jax.process_index())]
+    if len(states) != len(feeds):
+        raise ValueError(f"checkpoint step {step} holds {len(states)} data feed state(s), this run has {len(feeds)}")
+    for feed, state in zip(feeds, states):
+        feed.restore_data_state(state)
 
 
 def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn: Optional[BatchFn], cfg: TrainConfig,
@@ -190,9 +261,12 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
 
     `mesh`: train sharded on it (`training/parallel.py`: params, optimizer state and `frozen` on the
     training layout, batch rows over `data`); with several processes (`twotower_jax.distributed`)
-    every process runs `train` with the same arguments, computes the same global batch and feeds its
-    own devices' rows; all of them write the checkpoint, process 0 the metrics. `grad_accum`: micro-
-    batches per step (the batch's rows must split evenly, times the mesh's `data` size).
+    every process runs `train` with the same arguments and either computes the same global batch and
+    feeds its own devices' rows, or (a batch_fn with `process_local = True`, e.g. `TextBatches` over its
+    host's shard) returns its own rows, and the global batch is every process's rows in process order;
+    all of them write the checkpoint (with each one's data position when batch_fn is a `DataFeed`),
+    process 0 the metrics. `grad_accum`: micro-batches per step (the global batch's rows must split
+    evenly, times the mesh's `data` size).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -202,17 +276,29 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
     if mesh is not None:
         params, opt_state, frozen = parallel.place_train_state(params, opt_state, frozen, mesh)
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
+    handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: ocp.JsonCheckpointHandler(),
+                LEGACY_ITEM: ocp.StandardCheckpointHandler()}
+    stages = [Stage(cfg.steps, loss_fn, batch_fn)] if callable(loss_fn) else list(loss_fn)
+    if not stages or (batch_fn is not None and not callable(loss_fn)):
+        raise ValueError("train needs a loss and batch_fn, or a non-empty sequence of Stages and batch_fn=None")
+    feeds = _data_feeds(stages)
     done = 0
-    with ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).absolute(), options=options) as manager:
+    with ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).absolute(), options=options,
+                               item_handlers=handlers) as manager:
         latest = manager.latest_step()
         if latest is not None:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-            state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-            params, opt_state, done = state["params"], state["opt_state"], latest
+            saved = set(manager.item_metadata(latest).keys())
+            name = STATE_ITEM if STATE_ITEM in saved else LEGACY_ITEM
+            items = {name: ocp.args.StandardRestore(abstract)}
+            if feeds and DATA_ITEM in saved:
+                items[DATA_ITEM] = ocp.args.JsonRestore()
+            elif feeds:   # refuse before reading the (possibly large) state
+                _restore_feeds(feeds, None, latest)
+            restored = manager.restore(latest, args=ocp.args.Composite(**items))
+            _restore_feeds(feeds, restored[DATA_ITEM] if DATA_ITEM in items else None, latest)
+            params, opt_state, done = restored[name]["params"], restored[name]["opt_state"], latest
         log = MetricsLog(workdir / METRICS_FILE, done) if jax.process_index() == 0 else None
-        stages = [Stage(cfg.steps, loss_fn, batch_fn)] if callable(loss_fn) else list(loss_fn)
-        if not stages or (batch_fn is not None and not callable(loss_fn)):
-            raise ValueError("train needs a loss and batch_fn, or a non-empty sequence of Stages and batch_fn=None")
         base_key = jax.random.key(cfg.seed)
         last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         bar = Progress(cfg.steps, progress, unit="steps", start=done)
@@ -220,7 +306,8 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
         for step in range(done + 1, last + 1):
             stage = stage_at(stages, step)
             step_fn = make_train_step(stage.loss_fn, cfg, mesh, grad_accum)
-            tokens = _on_devices(stage.batch_fn(step - 1), mesh, grad_accum)
+            tokens = _on_devices(stage.batch_fn(step - 1), mesh, grad_accum,
+                                 bool(getattr(stage.batch_fn, "process_local", False)))
             params, opt_state, metrics = step_fn(params, opt_state, frozen, tokens,
                                                  jax.random.fold_in(base_key, step), step - 1)
             if step % cfg.log_every == 0 or step == last:
@@ -231,6 +318,9 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
                     on_log(record)
                 bar.update(step, f"loss {record['loss']:.4f}")
             if step % cfg.save_every == 0 or step == last:
-                manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+                items = {STATE_ITEM: ocp.args.StandardSave({"params": params, "opt_state": opt_state})}
+                if feeds:   # the data position after step `step`, in the same step directory
+                    items[DATA_ITEM] = ocp.args.JsonSave(_data_item(feeds))
+                manager.save(step, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
     return params
