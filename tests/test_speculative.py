@@ -84,10 +84,11 @@ def test_logprob_gap_is_ars_own_chunk_vs_step_rounding():
     over a chunk (the verify pass); `generate_ar`'s are one-token decode steps (and its first token a
     prefill). The same tokens' log-probs from AR's own prefill of its own output text differ from its
     decode steps by the same order (fp32 evaluation order: blocked matmuls, chunked scan and attention over
-    16 positions vs 1; ~1e-6 relative to logits of size ~10). So the check is: identical tokens, and
-    self-speculation within max(1e-5, 2 × AR's own prefill-vs-decode gap) of AR, that gap itself < 5e-5.
-    A real error (a log-prob read at the wrong position, of the wrong token, or from scaled logits) is
-    ≥ 1e-2 here."""
+    16 positions vs 1; ~1e-6 relative to logits of size ~10). So the check is: identical tokens, and every
+    log-prob within 1e-5 · (1 + |log p|) of AR's (numpy's allclose with atol = rtol = 1e-5, as for the
+    other models; measured on 64 demo tasks at S = 16: max 1.29e-5 absolute at log p = −1.06, 6.2e-6 in
+    that unit), while AR's own prefill-vs-decode gap is of the same order (< 5e-5). A real error (a
+    log-prob read at the wrong position, of the wrong token, or from scaled logits) is ≥ 1e-2 here."""
     from twotower_jax.checkpoint.load import load_checkpoint
     from twotower_jax.data import EOS_ID, MASK_ID, TASK_KINDS, eval_set, prompt_ids
     _, config, demo_params = load_checkpoint("demo")
@@ -112,7 +113,7 @@ def test_logprob_gap_is_ars_own_chunk_vs_step_rounding():
         spec_gap = max(spec_gap, float(np.abs(np.asarray(spec_logp) - np.asarray(ar_logp)).max()))
     print(f"\nmax |AR prefill − AR decode| {ar_gap:.3g}, max |self-speculative − AR| {spec_gap:.3g}")
     assert 0 < ar_gap < 5e-5
-    assert spec_gap <= max(1e-5, 2 * ar_gap)
+    _same_as_ar(spec, ar)
 
 
 # ---- the acceptance step: output distribution = AR sampling's ----------------------------------------

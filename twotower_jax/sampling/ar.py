@@ -22,12 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from twotower_jax.cache import init_cache
-from twotower_jax.sampling.placed import (compile_pieces, on, placed_model, placed_params, placement_mesh,
-                                          run_placed)
+from twotower_jax.sampling.placed import (compile_pieces, on, placed_model, placement_mesh, run_placed,
+                                          tower_groups)
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
 from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, select_tokens, token_logprobs
-from twotower_jax.sharding import (
-    PlacementLike, batch_shardings, constrain_batch, group_placement, place_params, replicated, resolve, tower_mesh)
+from twotower_jax.sharding import PlacementLike, constrain_batch, group_placement, resolve, tower_mesh
 from twotower_jax.tower import NemotronH, Params
 from twotower_jax.two_tower import TwoTower
 
@@ -188,17 +187,8 @@ def _mock_ar_towers(model: TwoTower, params: Params, tokens, valid, seeds, mesh,
 
     Returns the same (tokens, log-probs, lengths, advances) as `mock_ar_loop`, and compile/run seconds.
     """
-    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
-    batch = tokens.shape[0]
-
-    def context_at(tree):
-        return batch_shardings(tree, context_mesh, batch)
-
-    def denoiser_at(tree):
-        return batch_shardings(tree, denoiser_mesh, batch)
-
-    placed = placed_params(params, "towers", mesh).placed
-    context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
+    context_mesh, denoiser_mesh, context_params, denoiser_params, context_at, denoiser_at = tower_groups(
+        params, mesh, tokens.shape[0])
     rules = _rules(model, max_new_tokens, sampling, eos_token_id)
     first_fed = tokens[:, -1]
     first_fed = jax.device_put(first_fed, context_at(first_fed))

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twotower_jax.sampling.placed import (compile_pieces, on, placed_model, placed_params, placement_mesh,
-                                          run_placed)
+from twotower_jax.sampling.placed import (compile_pieces, on, placed_model, placement_mesh, run_placed,
+                                          tower_groups)
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, left_pad, row_seeds
 from twotower_jax.sampling.tokens import fold_rows, row_keys
-from twotower_jax.sharding import PlacementLike, batch_shardings, constrain_batch, place_params, resolve, tower_mesh
+from twotower_jax.sharding import PlacementLike, constrain_batch, resolve
 from twotower_jax.tower import Params
 from twotower_jax.two_tower import TwoTower
 
@@ -240,17 +240,9 @@ def _diffusion_towers(model: TwoTower, params: Params, tokens, valid, seeds, thr
 
     Returns `diffusion_loop`'s outputs, and compile / run seconds.
     """
-    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
+    context_mesh, denoiser_mesh, context_params, denoiser_params, context_at, denoiser_at = tower_groups(
+        params, mesh, tokens.shape[0])
     batch = tokens.shape[0]
-
-    def context_at(tree):
-        return batch_shardings(tree, context_mesh, batch)
-
-    def denoiser_at(tree):
-        return batch_shardings(tree, denoiser_mesh, batch)
-
-    placed = placed_params(params, "towers", mesh).placed
-    context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
     tokens, valid = jax.device_put((tokens, valid), context_at((tokens, valid)))
     seeds, threshold = jax.device_put((seeds, threshold), denoiser_at((seeds, threshold)))
     n_full, last_width, n_blocks = _shape(max_new_tokens, dp)

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import time
 import weakref
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -82,6 +82,29 @@ def placed_params(params, placement: Placement, mesh: jax.sharding.Mesh) -> _Pla
     if len(_placed) > _MAX_PLACED:
         _placed.popitem(last=False)
     return entry
+
+
+class TowerGroups(NamedTuple):
+    """The `towers` placement's two device groups for one batch: each tower's mesh, its placed params
+    (the context tower's tree, and the denoiser's as `{"denoiser": ...}`, the layout `TwoTower`'s denoiser
+    functions take) and a function giving a batch tree's shardings on that group."""
+    context_mesh: jax.sharding.Mesh
+    denoiser_mesh: jax.sharding.Mesh
+    context_params: dict
+    denoiser_params: dict
+    context_at: Callable
+    denoiser_at: Callable
+
+
+def tower_groups(params, mesh: jax.sharding.Mesh, batch: int) -> TowerGroups:
+    """Splits `params` over the `towers` mesh's groups (through `placed_params`' cached fast path) and
+    gives the per-group batch shardings the per-tower samplers (`ar.py`, `diffusion.py`,
+    `speculative.py`) place their inputs and transfers with. `batch`: rows of the generation."""
+    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
+    placed = placed_params(params, "towers", mesh).placed
+    return TowerGroups(context_mesh, denoiser_mesh, placed["context"], {"denoiser": placed["denoiser"]},
+                       lambda tree: batch_shardings(tree, context_mesh, batch),
+                       lambda tree: batch_shardings(tree, denoiser_mesh, batch))
 
 
 def _input_shardings(inputs, mesh):

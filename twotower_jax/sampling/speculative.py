@@ -56,10 +56,10 @@ import numpy as np
 
 from twotower_jax.sampling.ar import _context_prefix
 from twotower_jax.sampling.diffusion import DiffusionParams, _denoise_block
-from twotower_jax.sampling.placed import compile_pieces, on, placed_model, placement_mesh, run_placed
+from twotower_jax.sampling.placed import compile_pieces, on, placed_model, placement_mesh, run_placed, tower_groups
 from twotower_jax.sampling.prompts import GenerationResult, check_eos, cut_rows, left_pad, row_seeds
 from twotower_jax.sampling.tokens import SamplingParams, fold_rows, row_keys, sampling_logits
-from twotower_jax.sharding import PlacementLike, batch_shardings, constrain_batch, place_params, resolve, tower_mesh
+from twotower_jax.sharding import PlacementLike, constrain_batch, resolve
 from twotower_jax.tower import Params, truncate_extension
 from twotower_jax.two_tower import TwoTower
 
@@ -255,17 +255,9 @@ def _speculative_towers(model: TwoTower, params: Params, tokens, valid, seeds, t
     there why per-tower pieces): per cycle the context cache and the state go to the denoiser group, the
     drafted block comes back, and the host reads one flag (every row done?). Returns (SpecState, compile
     seconds, run seconds)."""
-    context_mesh, denoiser_mesh = tower_mesh(mesh, "context"), tower_mesh(mesh, "denoiser")
-    batch = tokens.shape[0]
-
-    def context_at(tree):
-        return batch_shardings(tree, context_mesh, batch)
-
-    def denoiser_at(tree):
-        return batch_shardings(tree, denoiser_mesh, batch)
-
-    placed = place_params(params, "towers", mesh)
-    context_params, denoiser_params = placed["context"], {"denoiser": placed["denoiser"]}
+    # the cached placement (placed.placed_params): a repeat call does not place the params again
+    context_mesh, denoiser_mesh, context_params, denoiser_params, context_at, denoiser_at = tower_groups(
+        params, mesh, tokens.shape[0])
     tokens, valid, seeds_c = jax.device_put((tokens, valid, seeds), context_at((tokens, valid, seeds)))
     seeds_d, threshold = jax.device_put((seeds, threshold), denoiser_at((seeds, threshold)))
     prefix, start, draft, verify = _towers_pieces(model, spec, context_mesh, denoiser_mesh)
