@@ -47,6 +47,9 @@ class Impl:
     attention: AttentionImpl = "blockwise"   # "dense": the reference; "fused": cuDNN/XLA kernel where it fits
     attention_q_chunk: int = 512             # queries per online-softmax tile
     attention_k_chunk: int = 1024            # keys per online-softmax tile
+    # At most this many keys per tile for one-token calls (decode steps): tiles past the filled slots are
+    # skipped, so a step reads about the filled part of the cache, not its capacity; None: attention_k_chunk.
+    attention_decode_k_chunk: Optional[int] = 128
     # Rematerialisation per layer under autodiff (training memory): "none" keeps every activation,
     # "full" keeps only each layer's input and recomputes the rest in the backward pass, "dots" also
     # keeps the matmul outputs without batch dimensions (jax.checkpoint_policies).
@@ -110,7 +113,8 @@ class Block(nn.Module):
                 new_cache = state if isinstance(context, CausalContext) else None
         elif self.layer_type == ATTENTION:
             out, new_cache = Attention(cfg, impl=self.impl.attention, q_chunk=self.impl.attention_q_chunk,
-                                       k_chunk=self.impl.attention_k_chunk, **kw)(x, context)
+                                       k_chunk=self.impl.attention_k_chunk,
+                                       decode_k_chunk=self.impl.attention_decode_k_chunk, **kw)(x, context)
         elif self.layer_type == MOE:
             out = MoE(cfg, impl=self.impl.moe, **kw)(x)
         elif self.layer_type == MLP:

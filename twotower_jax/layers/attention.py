@@ -273,6 +273,11 @@ class Attention(nn.Module):
     impl: AttentionImpl = "blockwise"
     q_chunk: int = 512
     k_chunk: int = 1024
+    # Decode steps (one query per row) tile keys at most this finely: `blockwise_attention` skips the
+    # tiles past the filled part of the cache, so a step reads (and XLA:CPU copies into the batched-dot
+    # layout) about the filled slots rather than the whole capacity, a cost that grows with the batch
+    # (experiments/results/decode_batch_cpu.md). None: `k_chunk`.
+    decode_k_chunk: Optional[int] = 128
 
     @nn.compact
     def __call__(self, x: Float[Array, "b l d"], context: LayerContext):
@@ -307,6 +312,9 @@ class Attention(nn.Module):
             raise TypeError(f"attention needs a Causal/Cross/BlockwiseContext, got {type(context).__name__}")
         segments = [dataclasses.replace(seg, k=seg.k.astype(self.dtype), v=seg.v.astype(self.dtype))
                     for seg in segments]
-        out = attend(q, q_start, segments, self.impl, q_chunk=self.q_chunk, k_chunk=self.k_chunk)
+        k_chunk = self.k_chunk
+        if length == 1 and self.decode_k_chunk is not None:
+            k_chunk = min(k_chunk, self.decode_k_chunk)
+        out = attend(q, q_start, segments, self.impl, q_chunk=self.q_chunk, k_chunk=k_chunk)
         out = nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out.reshape(b, length, -1))
         return out, new_cache
