@@ -152,12 +152,18 @@ def test_one_call_context_pass_equals_block_by_block(block_size):
     model = NemotronH(config, impl=Impl(moe="dense"))
     params = model.random_params(seed=3, scale=0.4)
     tokens = jax.random.randint(jax.random.key(4), (2, 32), 4, config.vocab_size)
-    one_call = blockwise_context(model, params, tokens, block_size)
     by_blocks = blockwise_context_by_blocks(model, params, tokens, block_size)
-    assert len(jax.tree.leaves(one_call)) == len(jax.tree.leaves(by_blocks)) > 0
-    for a, b in zip(jax.tree.leaves(one_call), jax.tree.leaves(by_blocks)):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-5)
+    # attention tiles: the default (128 > 32: one tile), 8 (4 × 4 tiles, those above the diagonal skipped),
+    # None (the model's Impl: 512 × 1,024)
+    for tile in ({}, {"attention_tile": 8}, {"attention_tile": None}):
+        one_call = blockwise_context(model, params, tokens, block_size, **tile)
+        assert len(jax.tree.leaves(one_call)) == len(jax.tree.leaves(by_blocks)) > 0
+        for a, b in zip(jax.tree.leaves(one_call), jax.tree.leaves(by_blocks)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-5,
+                                       err_msg=str(tile))
+    with pytest.raises(ValueError, match="attention_tile"):
+        blockwise_context(model, params, tokens, block_size, attention_tile=0)
 
     # ssd_block_states against the sequential reference's state after each block prefix
     rng = np.random.default_rng(0)

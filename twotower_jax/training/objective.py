@@ -14,6 +14,7 @@ Diffusion, one training sequence of L = N·S tokens:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -37,15 +38,32 @@ def _check_sequence(tokens, block_size: int) -> None:
         raise ValueError(f"sequence length {tokens.shape[1]} must be a positive multiple of block_size {block_size}")
 
 
-def blockwise_context(model: NemotronH, params: Params, tokens: Int[Array, "b l"], block_size: int
-                      ) -> BlockwiseTowerContext:
-    """The context tower over a clean sequence in one causal pass; returns its K/V for all positions and
-    each Mamba layer's conv and SSM state before every block. The pass keeps every Mamba layer's scan
-    inputs (`MambaExtension`); the states at block boundaries come from them in one parallel computation
-    (`ssd_block_states`: the chunked SSD's inter-chunk states with chunk = block), the conv states are
-    the K−1 raw columns before each block. Wrapped in `stop_gradient`: the context tower is frozen.
-    `blockwise_context_by_blocks` is the same context built block by block through the sampler's path."""
+# Queries and keys per online-softmax tile in the one-call context pass (`blockwise_context`).
+CONTEXT_ATTENTION_TILE = 128
+
+
+def blockwise_context(model: NemotronH, params: Params, tokens: Int[Array, "b l"], block_size: int, *,
+                      attention_tile: int | None = CONTEXT_ATTENTION_TILE) -> BlockwiseTowerContext:
+    """The context tower over a clean sequence (b, l) in one causal pass; returns its K/V for all l
+    positions and each Mamba layer's conv (b, l/S, K−1, c) and SSM state (b, l/S, h, p, n) before every
+    block. The pass keeps every Mamba layer's scan inputs (`MambaExtension`); the states at block
+    boundaries come from them in one parallel computation (`ssd_block_states`: the chunked SSD's
+    inter-chunk states with chunk = block), the conv states are the K−1 raw columns before each block.
+    Wrapped in `stop_gradient`: the context tower is frozen. `blockwise_context_by_blocks` is the same
+    context built block by block through the sampler's path.
+
+    `attention_tile`: the pass's attention runs in tiles of this many queries × keys (the model's `Impl`
+    tiles otherwise; None keeps them). All l queries attend causally in one call, so small square tiles
+    let `blockwise_attention` skip every tile above the diagonal (about half the score work) and keep
+    each tile's scores small; the default tiles (512 queries × 1,024 keys) score the whole causal square
+    through large intermediates and made this pass slower than the block-by-block one on a CPU
+    (experiments/results/context_pass_cpu.md). Tiling changes only the softmax's summation order."""
     _check_sequence(tokens, block_size)
+    if attention_tile is not None:
+        if attention_tile < 1:
+            raise ValueError(f"attention_tile must be >= 1 or None, got {attention_tile}")
+        model = dataclasses.replace(model, impl=dataclasses.replace(
+            model.impl, attention_q_chunk=attention_tile, attention_k_chunk=attention_tile))
     b, length = tokens.shape
     n = length // block_size
     module = model.module
