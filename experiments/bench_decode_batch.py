@@ -12,9 +12,12 @@ Parts timed, each its own compiled program whose outputs are returned (so nothin
 
 Every (variant, batch, part) program is compiled and run twice first; then --rounds rounds, each running
 every program --steps times in turn (interleaved, so a slow phase of the shared CPU hits all alike).
-Medians of the per-call times are reported (minima in the JSON).
+Medians of the per-call times are reported, minima in brackets (and in the JSON). Variants (`VARIANTS`):
+"old" (one key tile of the whole capacity at decode, the path before this benchmark), "new" (the default:
+decode key tiles of 128) and "new_noynn" (the same with XLA:CPU's own dot kernels instead of YNNPACK
+fusions). Results and their reading: experiments/results/decode_batch_cpu.md.
 
-    python experiments/bench_decode_batch.py --out experiments/results/decode_batch_cpu.json
+    cd experiments && python bench_decode_batch.py --out results/decode_batch_cpu.json
 """
 from __future__ import annotations
 
@@ -136,19 +139,21 @@ def main():
         load.append(os.getloadavg()[0])
     rows = [{"variant": v, "part": p, "batch": b, **stats(t)} for (v, p, b), t in times.items()]
     med = {(r["variant"], r["part"], r["batch"]): r["median_ms"] for r in rows}
+    low = {(r["variant"], r["part"], r["batch"]): r["min_ms"] for r in rows}
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"22.7M config ({count_params(params) / 1e6:.1f}M params), {jax.devices()[0].platform}, "
           f"median ms of {args.rounds} x {args.steps} interleaved calls; load avg 1-min over the run "
           f"{min(load):.1f}-{max(load):.1f}; {uptime}")
-    print(f"{'part':>10} {'variant':>14} " + " ".join(f"{'b' + str(b):>9}" for b in batches) + "  b8/b1")
+    print("median ms (min ms in brackets); ratio = last batch / first batch, of medians [of minima]")
+    print(f"{'part':>10} {'variant':>10} " + " ".join(f"{'b' + str(b):>16}" for b in batches) + "  ratio")
     for part in args.parts.split(","):
         for name in variants:
             if part == "prefill":
-                print(f"{part:>10} {name:>14} {med[(name, part, 1)]:>9.2f}")
+                print(f"{part:>10} {name:>10} {med[(name, part, 1)]:>8.2f} [{low[(name, part, 1)]:5.2f}]")
                 continue
-            cells = [med[(name, part, b)] for b in batches]
-            ratio = cells[-1] / cells[0] if len(cells) > 1 else float("nan")
-            print(f"{part:>10} {name:>14} " + " ".join(f"{c:>9.2f}" for c in cells) + f"  {ratio:5.2f}x")
+            cells = " ".join(f"{med[(name, part, b)]:>8.2f} [{low[(name, part, b)]:5.2f}]" for b in batches)
+            first, last = (name, part, batches[0]), (name, part, batches[-1])
+            print(f"{part:>10} {name:>10} {cells}  {med[last] / med[first]:5.2f}x [{low[last] / low[first]:4.2f}x]")
     if args.out:
         write_results(args.out, rows, args, load_avg_1min=load, uptime=uptime,
                       variants={k: {"impl": dataclasses.asdict(VARIANTS[k][0]), "compiler_options": VARIANTS[k][1]}
