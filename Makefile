@@ -24,13 +24,24 @@ demo: $(STAMP)
 # 0.10.2 and 0.12, never with the file run alone). Root cause not found yet; see the README. The two
 # host-memory tests (tracemalloc peaks) run each in a process that has run nothing else: after other tests
 # in the same process the converter's measured peak rose from 2.9x to 5.0x the largest tensor.
-TEST_GROUPS := 'tests/test_convert.py' 'tests/test_load_to_devices.py' \
-	'tests/test_[ab]*.py tests/test_c[a-n]*.py tests/test_conf*.py tests/test_[d-g]*.py' \
+# Each group runs on 2 pytest-xdist workers, a whole file per worker (--dist loadfile: module fixtures are
+# built once, and no file shares a process with more files than before). XDIST= runs each of those groups
+# in one process. The two memory-test files run together on 2 workers whatever XDIST is: one file each.
+# All the processes of a run (and the subprocesses the tests start) share one persistent compilation cache
+# (tests/conftest.py), a new directory for each run, removed at its end: a program compiled twice in a run
+# is loaded the second time. The suite's stated time is that of this cold start.
+XDIST ?= -n 2 --dist loadfile
+TEST_CACHE_RUN = cache=$$(mktemp -d "$${TMPDIR:-/tmp}/twotower-test-jax-cache-XXXXXX"); trap 'rm -rf "$$cache"' EXIT; \
+	export JAX_COMPILATION_CACHE_DIR=$$cache
+MEMORY_TESTS := tests/test_convert.py tests/test_load_to_devices.py
+TEST_GROUPS := 'tests/test_[ab]*.py tests/test_c[a-n]*.py tests/test_conf*.py tests/test_[d-g]*.py' \
 	'tests/test_[h-k]*.py tests/test_la*.py tests/test_[m-o]*.py' \
 	'tests/test_[p-s]*.py' 'tests/test_[t-z]*.py'
 
 test: $(STAMP)
-	set -e; for group in $(TEST_GROUPS); do $(PY) -m pytest -q --durations=8 $$group; done
+	set -e; $(TEST_CACHE_RUN); \
+	$(PY) -m pytest -q --durations=8 -n 2 --dist loadfile $(MEMORY_TESTS); \
+	for group in $(TEST_GROUPS); do $(PY) -m pytest -q --durations=8 $(XDIST) $$group; done
 
 # The suite on the newest jax/flax/orbax from PyPI (they need Python >= 3.12), in .venv-latest/. torch and
 # transformers are left out: the tests that use them as the oracle skip, and -rs prints why.
@@ -45,7 +56,9 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade jax flax orbax-checkpoint
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[test-base]'
 	$(LATEST_VENV)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
-	set -e; for group in $(TEST_GROUPS); do $(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 $$group; done
+	set -e; $(TEST_CACHE_RUN); \
+	$(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 -n 2 --dist loadfile $(MEMORY_TESTS); \
+	for group in $(TEST_GROUPS); do $(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 $(XDIST) $$group; done
 
 # On a machine with a GPU and jax[cuda] installed (under 8 minutes on an H100; no network needed):
 # writes experiments/results/gpu_check_<device>.{json,md}. GPU_PY: that machine's python.
