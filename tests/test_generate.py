@@ -140,12 +140,16 @@ def test_demo_runs(capsys):
     from twotower_jax import demo
     assert demo.main() == 0
     out = capsys.readouterr().out
-    for mode in ("[ar]", "[mock_ar]", "[diffusion]"):
-        assert mode in out
+    sections = {}
+    for mode in ("ar", "diffusion", "self_spec"):
+        body = out[out.index(f"[{mode}]"):].split("\n\n")[0].splitlines()[1:]
+        sections[mode] = body
     assert all(out.count(prompt) == 3 for prompt in demo.PROMPTS)   # each prompt answered in every mode
+    assert sections["self_spec"] == sections["ar"]                  # self-speculation prints AR's answers
     table = out[out.index("tokens/pass"):].splitlines()
-    assert [line.split()[0] for line in table[1:4]] == ["ar", "mock_ar", "diffusion"]
-    assert all(float(line.split()[2]) > 0 for line in table[1:4])   # tokens/s measured
+    assert [line.split()[0] for line in table[1:4]] == ["ar", "diffusion", "self_spec"]
+    assert all(float(line.split()[3]) > 0 for line in table[1:4])   # tokens/s measured
+    assert float(table[3].split()[2]) > 1                           # several tokens per context pass
 
 
 def test_cli_text_prompt_with_the_demo_checkpoint(capsys):
