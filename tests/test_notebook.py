@@ -13,7 +13,7 @@ def test_colab_notebook_executes_top_to_bottom(tmp_path):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    for mode in ("[ar]", "[mock_ar]", "[diffusion]"):
+    for mode in ("[ar]", "[diffusion]", "[self_spec]"):
         assert mode in outputs
     assert "gamma=0.8" in outputs
     assert any(o.output_type == "display_data" and "image/png" in o.get("data", {})
