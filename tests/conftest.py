@@ -3,16 +3,14 @@ import sys
 
 # Two CPU devices for mesh tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-# The suite compiles hundreds of small programs and runs each a few times: XLA:CPU's backend
-# optimisation and its expensive LLVM passes cost more than they save here (~3.6x faster compiles,
-# measured on the 8-device placement subprocess). They change no result the tests compare: numerics are
-# checked against references at stated tolerances either way. Benchmarks never run with these flags.
-# TWOTOWER_TEST_FULL_OPT=1 keeps XLA's defaults.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-if not os.environ.get("TWOTOWER_TEST_FULL_OPT"):
-    for _flag in FAST_COMPILE_FLAGS:
-        if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
-            os.environ["XLA_FLAGS"] += " " + _flag
+# Compile-time XLA flags for the suite (tests/xla_test_flags.py says which and why; TWOTOWER_TEST_FULL_OPT=1
+# keeps XLA's defaults). Subprocesses inherit them; those that set their own device count use `xla_flags`.
+sys.path.insert(0, os.path.dirname(__file__))
+from xla_test_flags import fast_compile_flags  # noqa: E402
+
+for _flag in fast_compile_flags():
+    if _flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + _flag
 # A persistent compilation cache shared by this pytest process, its xdist workers and every subprocess it
 # starts (they inherit the environment): a process that compiles a program another has already compiled
 # (same HLO, flags and device assignment: e.g. the demo model's samplers in two workers) loads it instead.
@@ -34,7 +32,6 @@ if not os.environ.get("TWOTOWER_TEST_NO_COMPILATION_CACHE"):
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
@@ -87,3 +84,36 @@ def backend_compiles():
         yield compiles
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# TWOTOWER_TEST_COST_LOG=path appends one JSON line per test: wall seconds, CPU seconds of this process
+# and of the subprocesses it waited for, and the XLA compiles (count, seconds) it made. CPU seconds say what
+# a test costs on a shared 2-core machine, where wall time mostly says what else was running beside it.
+if os.environ.get("TWOTOWER_TEST_COST_LOG"):
+    import json
+    import resource
+    import time
+
+    _compile_seconds = []
+
+    def _record_compile(event, duration, **_):
+        if event == BACKEND_COMPILE_EVENT:
+            _compile_seconds.append(duration)
+
+    import jax.monitoring  # noqa: E402
+
+    jax.monitoring.register_event_duration_secs_listener(_record_compile)
+
+    def _cpu():
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        wall, (me, kids), compiles = time.perf_counter(), _cpu(), len(_compile_seconds)
+        yield
+        me2, kids2 = _cpu()
+        with open(os.environ["TWOTOWER_TEST_COST_LOG"], "a") as log:
+            log.write(json.dumps({"test": item.nodeid, "wall": time.perf_counter() - wall, "cpu": me2 - me,
+                                  "cpu_children": kids2 - kids, "compiles": len(_compile_seconds) - compiles,
+                                  "compile_s": sum(_compile_seconds[compiles:])}) + "\n")

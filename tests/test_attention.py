@@ -140,15 +140,17 @@ def test_fused_kernel_choice():
 def test_training_objective_blockwise_equals_dense(params):
     tokens = jax.random.randint(jax.random.key(3), (2, 20), 4, CONFIG.vocab_size)
     noisy, _, t = noise_tokens(jax.random.key(4), tokens, 3)
-    context = blockwise_context(DENSE.context, params["context"], tokens, 5)
-    dense = denoiser_logits(DENSE, params["denoiser"], noisy, context, t)
-    blockwise = denoiser_logits(BLOCKWISE, params["denoiser"], noisy, context, t)
+    # jitted: run eagerly, these objectives dispatch op by op (hundreds of small compiles)
+    context = jax.jit(blockwise_context, static_argnums=(0, 3))(DENSE.context, params["context"], tokens, 5)
+    logits = jax.jit(denoiser_logits, static_argnums=0)
+    dense = logits(DENSE, params["denoiser"], noisy, context, t)
+    blockwise = logits(BLOCKWISE, params["denoiser"], noisy, context, t)
     np.testing.assert_allclose(blockwise, dense, **TOL)
 
     def loss(p, model):
         return denoiser_logits(model, p, noisy, context, t).astype(jnp.float32).std()
 
-    grads = [jax.grad(loss)(params["denoiser"], m) for m in (DENSE, BLOCKWISE)]
+    grads = [jax.jit(jax.grad(loss), static_argnums=1)(params["denoiser"], m) for m in (DENSE, BLOCKWISE)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 

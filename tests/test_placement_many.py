@@ -2,8 +2,8 @@
 
 The suite runs with 2 CPU devices (jax cannot change its device count once started), so the tests named
 `*_eight_*` run in one subprocess with 8 (`test_eight_device_tests_in_a_subprocess`), which pays jax's start
-once for all of them and compiles with XLA's cheap settings (`FAST_COMPILE`: the reference run uses the same
-ones, so tokens are compared like for like). With 8 devices visible (e.g. run directly with
+once for all of them and compiles with the suite's cheap XLA settings (tests/xla_test_flags.py: the reference
+run uses the same ones, so tokens are compared like for like). With 8 devices visible (e.g. run directly with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`) they run in-process and the subprocess test skips.
 
 The real-config byte counts need no devices: they use abstract meshes.
@@ -28,8 +28,8 @@ from twotower_jax.sampling.placed import placed_model
 from twotower_jax.sampling.speculative import generate_self_speculative
 from twotower_jax.tower import Impl
 from twotower_jax.two_tower import TwoTower
+from xla_test_flags import xla_flags
 
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 EIGHT = jax.device_count() >= 8
 needs_eight = pytest.mark.skipif(not EIGHT, reason="needs 8 devices: runs in test_eight_device_tests_in_a_subprocess")
 
@@ -110,7 +110,7 @@ def test_mesh_shapes_and_their_errors():
 def test_eight_device_tests_in_a_subprocess():
     if EIGHT:
         pytest.skip("8 devices in this process: the *_eight_* tests run directly")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     begin = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
                            __file__, "-k", "eight and not subprocess"],

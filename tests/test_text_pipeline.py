@@ -255,9 +255,10 @@ def test_two_processes_on_their_own_shards_equal_one_process_with_the_global_bat
     import subprocess
     import sys
 
+    from xla_test_flags import xla_flags
+
     root, _ = corpus
     worker = os.path.join(os.path.dirname(__file__), "text_train_worker.py")
-    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
     def launch(layout, out, workdir, devices, **flags):
         argv = [sys.executable, worker, "--layout", layout, "--data", str(root / "corpus.jsonl"),
@@ -265,7 +266,7 @@ def test_two_processes_on_their_own_shards_equal_one_process_with_the_global_bat
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {fast}"}
+               "XLA_FLAGS": xla_flags(devices)}
         return subprocess.Popen(argv, env=env)
 
     def two_processes(out, **flags):

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from twotower_jax.training import parallel
+from xla_test_flags import xla_flags
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_parallel_worker.py")
-FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STEPS = 20
 KILL_AT_STEP = 12     # between the checkpoints after steps 10 and 15
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST}",
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices),
             "JAX_PLATFORMS": "cpu"}
 
 
@@ -141,6 +141,8 @@ def test_remat_policies_keep_loss_and_gradients():
 def test_one_call_context_pass_equals_block_by_block(block_size):
     """The objective's context pass in one call (block-boundary states from the scan inputs) against the
     sampler's way of building it: L/S serial extensions, each Mamba cache kept before every block."""
+    import functools
+
     import jax
 
     from twotower_jax.config import tiny
@@ -152,11 +154,13 @@ def test_one_call_context_pass_equals_block_by_block(block_size):
     model = NemotronH(config, impl=Impl(moe="dense"))
     params = model.random_params(seed=3, scale=0.4)
     tokens = jax.random.randint(jax.random.key(4), (2, 32), 4, config.vocab_size)
-    by_blocks = blockwise_context_by_blocks(model, params, tokens, block_size)
+    # jitted (as in training): run eagerly, each would dispatch op by op, hundreds of small compiles
+    by_blocks = jax.jit(blockwise_context_by_blocks, static_argnums=(0, 3))(model, params, tokens, block_size)
     # attention tiles: the default (128 > 32: one tile), 8 (4 × 4 tiles, those above the diagonal skipped),
     # None (the model's Impl: 512 × 1,024)
     for tile in ({}, {"attention_tile": 8}, {"attention_tile": None}):
-        one_call = blockwise_context(model, params, tokens, block_size, **tile)
+        one_call = jax.jit(functools.partial(blockwise_context, model, block_size=block_size, **tile))(
+            params=params, tokens=tokens)
         assert len(jax.tree.leaves(one_call)) == len(jax.tree.leaves(by_blocks)) > 0
         for a, b in zip(jax.tree.leaves(one_call), jax.tree.leaves(by_blocks)):
             assert a.shape == b.shape and a.dtype == b.dtype
@@ -225,7 +229,7 @@ def test_router_bias_update_balances_expert_load():
                           jax.random.key(2), 0)
     (plain, _, plain_metrics), (balanced, _, metrics) = results[0.0], results[rate]
     assert 1.0 <= float(metrics["expert_load_max_over_mean"]) and float(metrics["expert_load_min_over_mean"]) <= 1.0
-    _, direct = loss(params["denoiser"], params["context"], tokens, jax.random.key(2))
+    _, direct = jax.jit(loss)(params["denoiser"], params["context"], tokens, jax.random.key(2))
     (layer, load), = direct["expert_load"].items()
     assert layer == ("layers_2", "mixer") and float(load.sum()) == tokens.size * 2   # every token, top-2
     delta = np.asarray(balanced["layers_2"]["mixer"]["e_score_correction_bias"]

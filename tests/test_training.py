@@ -17,6 +17,12 @@ from twotower_jax.two_tower import TwoTower, identity_adaln_params, two_tower_pa
 MASK = 3
 
 
+def jitted(fn, **static):
+    """`fn` with `static` bound, compiled: the objectives run inside a jitted train step, and run eagerly
+    they dispatch op by op (436 small compiles for one diffusion loss of the tiny model, ~30 s here)."""
+    return jax.jit(functools.partial(fn, **static))
+
+
 @pytest.fixture(scope="module")
 def two_tower():
     # chunk 4 < block 8 < length 40: scans cross chunk boundaries inside blocks and start from seeded states.
@@ -29,8 +35,10 @@ def test_parallel_objective_equals_inference_denoiser_block_by_block(two_tower):
     batch, length, block = 2, 40, 8
     tokens = jax.random.randint(jax.random.key(0), (batch, length), 4, model.config.vocab_size)
     noisy, masked, t = noise_tokens(jax.random.key(1), tokens, MASK)
-    context = blockwise_context(model.context, params["context"], tokens, block)
-    parallel = denoiser_logits(model, params["denoiser"], noisy, context, t)
+    context = jitted(blockwise_context, model=model.context, block_size=block)(params=params["context"],
+                                                                                tokens=tokens)
+    parallel = jitted(denoiser_logits, model=model)(denoiser_params=params["denoiser"], noisy=noisy,
+                                                     context=context, t=t)
     # What the sampler has when it starts block n: the context tower's cache extended by blocks 0..n-1.
     cache = model.context.init_cache(batch, length)
     for n in range(length // block):
@@ -47,11 +55,12 @@ def test_diffusion_loss_is_mean_ce_over_masked_positions_only(two_tower):
     # a key whose draw masks some positions and keeps others, so both sides of the mean are exercised
     rng = next(k for k in map(jax.random.key, range(100))
                if 0 < int(noise_tokens(k, tokens, MASK)[1].sum()) < tokens.size)
-    loss, metrics = diffusion_loss(params["denoiser"], params["context"], tokens, rng, model=model,
-                                   block_size=8, mask_token_id=MASK)
+    loss, metrics = jitted(diffusion_loss, model=model, block_size=8, mask_token_id=MASK)(
+        params["denoiser"], params["context"], tokens, rng)
     noisy, masked, t = noise_tokens(rng, tokens, MASK)
-    logits = denoiser_logits(model, params["denoiser"], noisy,
-                             blockwise_context(model.context, params["context"], tokens, 8), t)
+    context = jitted(blockwise_context, model=model.context, block_size=8)(params=params["context"], tokens=tokens)
+    logits = jitted(denoiser_logits, model=model)(denoiser_params=params["denoiser"], noisy=noisy,
+                                                     context=context, t=t)
     logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
     ce = -np.take_along_axis(np.asarray(logp), np.asarray(tokens)[..., None], -1)[..., 0]
     m = np.asarray(masked)
@@ -81,7 +90,7 @@ def test_objective_rejects_lengths_that_are_not_whole_blocks(two_tower):
 def test_ar_loss_is_next_token_cross_entropy_of_prefill(two_tower):
     model, params = two_tower
     tokens = jax.random.randint(jax.random.key(4), (2, 13), 4, model.config.vocab_size)
-    loss, _ = ar_loss(params["context"], None, tokens, None, model=model.context)
+    loss, _ = jitted(ar_loss, model=model.context)(params["context"], None, tokens, None)
     logits, _ = model.context.prefill(params["context"], tokens)
     logp = jax.nn.log_softmax(np.asarray(logits, np.float64)[:, :-1], -1)
     ce = -np.take_along_axis(np.asarray(logp), np.asarray(tokens)[:, 1:, None], -1)
@@ -162,17 +171,16 @@ def test_variant_loss_at_spec_settings_equals_the_library_objective(two_tower):
     model, params = two_tower
     tokens = jax.random.randint(jax.random.key(4), (2, 16), 4, model.config.vocab_size)
     kw = dict(model=model, block_size=8, mask_token_id=MASK)
-    spec, _ = diffusion_loss(params["denoiser"], params["context"], tokens, jax.random.key(5), **kw)
-    same, _ = variant_diffusion_loss(params["denoiser"], params["context"], tokens, jax.random.key(5), t_low=1e-3,
-                                     t_high=1.0, answers_only=False, **kw)
+    spec, _ = jitted(diffusion_loss, **kw)(params["denoiser"], params["context"], tokens, jax.random.key(5))
+    variant = jitted(variant_diffusion_loss, t_low=1e-3, t_high=1.0, answers_only=False, **kw)
+    same, _ = variant(params["denoiser"], params["context"], tokens, jax.random.key(5))
     assert float(same) == pytest.approx(float(spec), rel=1e-6)
     # answers_only with every position an answer is the same loss again; with none, no masked position counts
     everywhere = jnp.ones(tokens.shape, bool)
-    loss, _ = variant_diffusion_loss(params["denoiser"], params["context"], (tokens, everywhere), jax.random.key(5),
-                                     t_low=1e-3, t_high=1.0, answers_only=True, **kw)
+    answers_only = jitted(variant_diffusion_loss, t_low=1e-3, t_high=1.0, answers_only=True, **kw)
+    loss, _ = answers_only(params["denoiser"], params["context"], (tokens, everywhere), jax.random.key(5))
     assert float(loss) == pytest.approx(float(spec), rel=1e-6)
-    loss, _ = variant_diffusion_loss(params["denoiser"], params["context"], (tokens, ~everywhere), jax.random.key(5),
-                                     t_low=1e-3, t_high=1.0, answers_only=True, **kw)
+    loss, _ = answers_only(params["denoiser"], params["context"], (tokens, ~everywhere), jax.random.key(5))
     assert float(loss) == 0.0
 
 

@@ -296,7 +296,8 @@ def train(loss_fn: LossFn | Sequence[Stage], params: Any, frozen: Any, batch_fn:
             elif feeds:   # refuse before reading the (possibly large) state
                 _restore_feeds(feeds, None, latest)
             restored = manager.restore(latest, args=ocp.args.Composite(**items))
-            _restore_feeds(feeds, restored[DATA_ITEM] if DATA_ITEM in items else None, latest)
+            if feeds:   # the item is there: a checkpoint without one was refused above
+                _restore_feeds(feeds, restored[DATA_ITEM], latest)
             params, opt_state, done = restored[name]["params"], restored[name]["opt_state"], latest
         log = MetricsLog(workdir / METRICS_FILE, done) if jax.process_index() == 0 else None
         base_key = jax.random.key(cfg.seed)
