@@ -192,10 +192,11 @@ def test_ssd_state_at_equals_the_sequential_scan_of_each_prefix():
     A = -rng.uniform(0.2, 2.0, size=h).astype(np.float32)
     B = rng.normal(size=(b, l, g, n)).astype(np.float32)
     init = rng.normal(size=(b, h, p, n)).astype(np.float32)
+    sequential = jax.jit(ssd_sequential)   # one compile per prefix length (eagerly: each op, ~110 compiles)
     for k in range(l + 1):
         got = np.asarray(ssd_state_at(x, dt, A, B, init, jnp.asarray([k, l - k])))
         for r, kk in enumerate([k, l - k]):
-            _, want = ssd_sequential(x[r:r + 1, :kk], dt[r:r + 1, :kk], A, B[r:r + 1, :kk], B[r:r + 1, :kk],
+            _, want = sequential(x[r:r + 1, :kk], dt[r:r + 1, :kk], A, B[r:r + 1, :kk], B[r:r + 1, :kk],
                                      init[r:r + 1])
             np.testing.assert_allclose(got[r], np.asarray(want[0]), rtol=1e-5, atol=1e-5)
 

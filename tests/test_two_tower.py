@@ -100,7 +100,8 @@ def direct_denoise(params, prefix, block, t):
     def ffn(x, w, layer_type):
         if layer_type == "-":
             return (np.maximum(x @ w["up_proj"]["kernel"], 0) ** 2) @ w["down_proj"]["kernel"]
-        out = MoE(c, impl="dense").apply({"params": jax.tree.map(jnp.asarray, w)}, jnp.asarray(x[None], jnp.float32))
+        moe = jax.jit(MoE(c, impl="dense").apply)   # jitted: eagerly, the module dispatches op by op
+        out = moe({"params": jax.tree.map(jnp.asarray, w)}, jnp.asarray(x[None], jnp.float32))
         return np.asarray(out[0], np.float64)
 
     for i, layer_type in enumerate(c.pattern):
