@@ -26,22 +26,31 @@ demo: $(STAMP)
 # in the same process the converter's measured peak rose from 2.9x to 5.0x the largest tensor.
 # Each group runs on 2 pytest-xdist workers, a whole file per worker (--dist loadfile: module fixtures are
 # built once, and no file shares a process with more files than before). XDIST= runs each of those groups
-# in one process. The two memory-test files run together on 2 workers whatever XDIST is: one file each.
+# in one process. The two memory-test files run together on 2 workers whatever XDIST is: one file each,
+# in the background beside the first group (their measure is each process's own Python heap, which other
+# processes do not touch; the groups leave a core idle at their ends, which this fills); their output is
+# printed after the groups'.
 # All the processes of a run (and the subprocesses the tests start) share one persistent compilation cache
 # (tests/conftest.py), a new directory for each run, removed at its end: a program compiled twice in a run
 # is loaded the second time. The suite's stated time is that of this cold start.
 XDIST ?= -n 2 --dist loadfile
 TEST_CACHE_RUN = cache=$$(mktemp -d "$${TMPDIR:-/tmp}/twotower-test-jax-cache-XXXXXX"); trap 'rm -rf "$$cache"' EXIT; \
 	export JAX_COMPILATION_CACHE_DIR=$$cache
+# MEMORY_RUN(python): starts the memory tests in the background (pid in $memory, output in $memlog); the
+# EXIT trap stops them if a group fails first and removes the cache and the log.
+MEMORY_RUN = memlog=$$(mktemp); memory=; trap 'test -z "$$memory" || kill $$memory 2>/dev/null; rm -rf "$$cache" "$$memlog"' EXIT; \
+	$(1) -m pytest -q $(2) --durations=8 -n 2 --dist loadfile $(MEMORY_TESTS) > $$memlog 2>&1 & memory=$$!
+MEMORY_REPORT = status=0; wait $$memory || status=$$?; memory=; echo "== $(MEMORY_TESTS) (run beside the first group)"; \
+	cat $$memlog; exit $$status
 MEMORY_TESTS := tests/test_convert.py tests/test_load_to_devices.py
 TEST_GROUPS := 'tests/test_[ab]*.py tests/test_c[a-n]*.py tests/test_conf*.py tests/test_[d-g]*.py' \
 	'tests/test_[h-k]*.py tests/test_la*.py tests/test_[m-o]*.py' \
 	'tests/test_[p-s]*.py' 'tests/test_[t-z]*.py'
 
 test: $(STAMP)
-	set -e; $(TEST_CACHE_RUN); \
-	$(PY) -m pytest -q --durations=8 -n 2 --dist loadfile $(MEMORY_TESTS); \
-	for group in $(TEST_GROUPS); do $(PY) -m pytest -q --durations=8 $(XDIST) $$group; done
+	set -e; $(TEST_CACHE_RUN); $(call MEMORY_RUN,$(PY)); \
+	for group in $(TEST_GROUPS); do $(PY) -m pytest -q --durations=8 $(XDIST) $$group; done; \
+	$(MEMORY_REPORT)
 
 # The suite on the newest jax/flax/orbax from PyPI (they need Python >= 3.12), in .venv-latest/. torch and
 # transformers are left out: the tests that use them as the oracle skip, and -rs prints why.
@@ -56,9 +65,9 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade jax flax orbax-checkpoint
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[test-base]'
 	$(LATEST_VENV)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
-	set -e; $(TEST_CACHE_RUN); \
-	$(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 -n 2 --dist loadfile $(MEMORY_TESTS); \
-	for group in $(TEST_GROUPS); do $(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 $(XDIST) $$group; done
+	set -e; $(TEST_CACHE_RUN); $(call MEMORY_RUN,$(LATEST_VENV)/bin/python,-rs); \
+	for group in $(TEST_GROUPS); do $(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 $(XDIST) $$group; done; \
+	$(MEMORY_REPORT)
 
 # On a machine with a GPU and jax[cuda] installed (under 8 minutes on an H100; no network needed):
 # writes experiments/results/gpu_check_<device>.{json,md}. GPU_PY: that machine's python.

@@ -6,6 +6,10 @@ import pytest
 
 from twotower_jax.ops.ssd import ssd_chunked, ssd_scan, ssd_sequential
 
+# Jitted: run eagerly, a scan dispatches op by op (dozens of small compiles per call).
+_chunked_jit = jax.jit(ssd_chunked, static_argnames="chunk_size")
+_scan_jit = jax.jit(ssd_scan, static_argnames=("impl", "chunk_size"))
+
 
 def random_inputs(seed, batch=2, length=13, heads=4, head_dim=3, groups=2, state=5):
     rng = np.random.default_rng(seed)
@@ -63,19 +67,19 @@ def test_initial_state_matters_and_long_decay_is_carried():
     dt = dt * 0.05
     inputs = tuple(map(jnp.asarray, (x, dt, A, B, C, h0)))
     y_ref, h_ref = numpy_recurrence(x, dt, A, B, C, h0)
-    y, h = ssd_chunked(*inputs, chunk_size=4)
+    y, h = _chunked_jit(*inputs, chunk_size=4)
     assert_close(y, y_ref, 1e-5)
     assert_close(h, h_ref, 1e-5)
-    y_zero, _ = ssd_chunked(*inputs[:5], jnp.zeros_like(inputs[5]), chunk_size=4)
+    y_zero, _ = _chunked_jit(*inputs[:5], jnp.zeros_like(inputs[5]), chunk_size=4)
     assert np.abs(np.asarray(y_zero) - y_ref)[:, -1].max() > 1e-2  # the test would see a dropped state
 
 
 @pytest.mark.parametrize("impl", ["chunked", "sequential"])
 def test_scan_in_pieces_equals_one_scan(impl):
     x, dt, A, B, C, h0 = map(jnp.asarray, random_inputs(3, length=21))
-    y_all, h_all = ssd_scan(x, dt, A, B, C, h0, impl=impl, chunk_size=4)
-    y1, h1 = ssd_scan(x[:, :9], dt[:, :9], A, B[:, :9], C[:, :9], h0, impl=impl, chunk_size=4)
-    y2, h2 = ssd_scan(x[:, 9:], dt[:, 9:], A, B[:, 9:], C[:, 9:], h1, impl=impl, chunk_size=4)
+    y_all, h_all = _scan_jit(x, dt, A, B, C, h0, impl=impl, chunk_size=4)
+    y1, h1 = _scan_jit(x[:, :9], dt[:, :9], A, B[:, :9], C[:, :9], h0, impl=impl, chunk_size=4)
+    y2, h2 = _scan_jit(x[:, 9:], dt[:, 9:], A, B[:, 9:], C[:, 9:], h1, impl=impl, chunk_size=4)
     assert_close(jnp.concatenate([y1, y2], 1), y_all, 1e-5)
     assert_close(h2, h_all, 1e-5)
 
@@ -83,8 +87,8 @@ def test_scan_in_pieces_equals_one_scan(impl):
 def test_zero_dt_steps_leave_state_untouched():
     x, dt, A, B, C, h0 = random_inputs(5, length=6)
     dt[:, :3] = 0.0  # what left padding produces
-    _, h = ssd_chunked(*map(jnp.asarray, (x, dt, A, B, C, h0)), chunk_size=4)
-    _, h_tail = ssd_chunked(*map(jnp.asarray, (x[:, 3:], dt[:, 3:], A, B[:, 3:], C[:, 3:], h0)), chunk_size=4)
+    _, h = _chunked_jit(*map(jnp.asarray, (x, dt, A, B, C, h0)), chunk_size=4)
+    _, h_tail = _chunked_jit(*map(jnp.asarray, (x[:, 3:], dt[:, 3:], A, B[:, 3:], C[:, 3:], h0)), chunk_size=4)
     assert_close(h, h_tail, 1e-6)
 
 
@@ -127,4 +131,3 @@ def test_chunked_at_chunk_128_on_long_inputs(decay):
         assert np.abs(np.asarray(y_zero) - y_ref)[:, -1].max() > 1e-3 * np.abs(y_ref).max()
 
 
-_chunked_jit = jax.jit(ssd_chunked, static_argnames="chunk_size")
