@@ -219,13 +219,15 @@ def test_rollback_equals_fresh_prefill_of_accepted_text(params, rollback):
                        [wrong(ar.tokens[1][0])] + ar.tokens[1][1:4]], np.int32)
     block = jnp.asarray(np.concatenate([[[p[-1]] for p in prompts], drafts], 1).astype(np.int32))
     logits, _ = context.extend(cp, block, jax.tree.map(jnp.copy, pre), logits_at="all")
-    a, committed = accept_drafts(logits, block[:, 1:], jax.vmap(jax.random.key)(jnp.arange(2)), SamplingParams())
+    # jitted, as the sampler runs them (eagerly each would compile its ops one by one)
+    a, committed = jax.jit(accept_drafts, static_argnums=3)(logits, block[:, 1:],
+                                                            jax.vmap(jax.random.key)(jnp.arange(2)), SamplingParams())
     assert np.asarray(a).tolist() == [2, 0]
     if rollback == "replay":
-        cache = roll_back(context, cp, block, pre, a, jnp.asarray([True, True]))
+        cache = jax.jit(roll_back, static_argnums=0)(context, cp, block, pre, a, jnp.asarray([True, True]))
     else:
         _, extended, extensions = jax.jit(context.extend_truncatable)(cp, block, pre)
-        cache = truncate_extension(extended, extensions, pre.length, a + 1)
+        cache = jax.jit(truncate_extension)(extended, extensions, pre.length, a + 1)
     assert int(cache.length) == 4 + 3
     for r, p in enumerate(prompts):
         text = p + drafts[r, :int(a[r])].tolist()          # cache holds the text up to, not incl., the new last
