@@ -34,13 +34,14 @@ demo: $(STAMP)
 # (tests/conftest.py), a new directory for each run, removed at its end: a program compiled twice in a run
 # is loaded the second time. The suite's stated time is that of this cold start.
 XDIST ?= -n 2 --dist loadfile
-TEST_CACHE_RUN = cache=$$(mktemp -d "$${TMPDIR:-/tmp}/twotower-test-jax-cache-XXXXXX"); trap 'rm -rf "$$cache"' EXIT; \
-	export JAX_COMPILATION_CACHE_DIR=$$cache
-# MEMORY_RUN(python): starts the memory tests in the background (pid in $memory, output in $memlog); the
-# EXIT trap stops them if a group fails first and removes the cache and the log.
-MEMORY_RUN = memlog=$$(mktemp); memory=; trap 'test -z "$$memory" || kill $$memory 2>/dev/null; rm -rf "$$cache" "$$memlog"' EXIT; \
-	$(1) -m pytest -q $(2) --durations=8 -n 2 --dist loadfile $(MEMORY_TESTS) > $$memlog 2>&1 & memory=$$!
-MEMORY_REPORT = status=0; wait $$memory || status=$$?; memory=; echo "== $(MEMORY_TESTS) (run beside the first group)"; \
+# SUITE(python, extra pytest flags): the memory tests in the background, the groups in turn, then the memory
+# tests' output; one EXIT trap stops the memory tests if a group fails first and removes the cache and log.
+SUITE = set -e; cache=$$(mktemp -d "$${TMPDIR:-/tmp}/twotower-test-jax-cache-XXXXXX"); memlog=$$(mktemp); memory=; \
+	trap 'test -z "$$memory" || kill $$memory 2>/dev/null; rm -rf "$$cache" "$$memlog"' EXIT; \
+	export JAX_COMPILATION_CACHE_DIR=$$cache; \
+	$(1) -m pytest -q $(2) --durations=8 -n 2 --dist loadfile $(MEMORY_TESTS) > $$memlog 2>&1 & memory=$$!; \
+	for group in $(TEST_GROUPS); do $(1) -m pytest -q $(2) --durations=8 $(XDIST) $$group; done; \
+	status=0; wait $$memory || status=$$?; memory=; echo "== $(MEMORY_TESTS) (run beside the first group)"; \
 	cat $$memlog; exit $$status
 MEMORY_TESTS := tests/test_convert.py tests/test_load_to_devices.py
 TEST_GROUPS := 'tests/test_[ab]*.py tests/test_c[a-n]*.py tests/test_conf*.py tests/test_[d-g]*.py' \
@@ -48,9 +49,7 @@ TEST_GROUPS := 'tests/test_[ab]*.py tests/test_c[a-n]*.py tests/test_conf*.py te
 	'tests/test_[p-s]*.py' 'tests/test_[t-z]*.py'
 
 test: $(STAMP)
-	set -e; $(TEST_CACHE_RUN); $(call MEMORY_RUN,$(PY)); \
-	for group in $(TEST_GROUPS); do $(PY) -m pytest -q --durations=8 $(XDIST) $$group; done; \
-	$(MEMORY_REPORT)
+	$(call SUITE,$(PY))
 
 # The suite on the newest jax/flax/orbax from PyPI (they need Python >= 3.12), in .venv-latest/. torch and
 # transformers are left out: the tests that use them as the oracle skip, and -rs prints why.
@@ -65,9 +64,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade jax flax orbax-checkpoint
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[test-base]'
 	$(LATEST_VENV)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
-	set -e; $(TEST_CACHE_RUN); $(call MEMORY_RUN,$(LATEST_VENV)/bin/python,-rs); \
-	for group in $(TEST_GROUPS); do $(LATEST_VENV)/bin/python -m pytest -q -rs --durations=8 $(XDIST) $$group; done; \
-	$(MEMORY_REPORT)
+	$(call SUITE,$(LATEST_VENV)/bin/python,-rs)
 
 # On a machine with a GPU and jax[cuda] installed (under 8 minutes on an H100; no network needed):
 # writes experiments/results/gpu_check_<device>.{json,md}. GPU_PY: that machine's python.

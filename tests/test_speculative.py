@@ -197,7 +197,7 @@ def test_ssd_state_at_equals_the_sequential_scan_of_each_prefix():
         got = np.asarray(ssd_state_at(x, dt, A, B, init, jnp.asarray([k, l - k])))
         for r, kk in enumerate([k, l - k]):
             _, want = sequential(x[r:r + 1, :kk], dt[r:r + 1, :kk], A, B[r:r + 1, :kk], B[r:r + 1, :kk],
-                                     init[r:r + 1])
+                                 init[r:r + 1])
             np.testing.assert_allclose(got[r], np.asarray(want[0]), rtol=1e-5, atol=1e-5)
 
 
