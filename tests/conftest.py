@@ -117,3 +117,24 @@ if os.environ.get("TWOTOWER_TEST_COST_LOG"):
             log.write(json.dumps({"test": item.nodeid, "wall": time.perf_counter() - wall, "cpu": me2 - me,
                                   "cpu_children": kids2 - kids, "compiles": len(_compile_seconds) - compiles,
                                   "compile_s": sum(_compile_seconds[compiles:])}) + "\n")
+
+
+# Every program a test compiles stays loaded (jax's jit caches keep its executable) until the process ends,
+# and each loaded XLA:CPU executable holds ~60 memory mappings (24,418 in one process after the 383 compiles
+# of test_two_tower, test_speculative and test_attention). Linux allows a process 65,530
+# (vm.max_map_count), so a process that ran the whole suite (~2,200 compiles) failed an mmap inside a later
+# compile: the segfaults/aborts in XLA:CPU compiles that once forced the suite into several processes.
+# Dropping jax's caches and the samplers' kept executables after each file releases them; a later file that
+# needs the same program loads it from the run's persistent compilation cache.
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs_after_each_file():
+    yield
+    import gc
+
+    import jax
+
+    from twotower_jax.sampling.timing import clear_compiled
+
+    clear_compiled()
+    jax.clear_caches()
+    gc.collect()

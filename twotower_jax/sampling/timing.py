@@ -40,6 +40,12 @@ def compiled_for(jitted, *args):
     return compiled, seconds
 
 
+def clear_compiled() -> None:
+    """Drops every kept executable (with `jax.clear_caches()`, what a long-lived process calls to release
+    the memory and memory mappings of programs it will not run again)."""
+    _compiled.clear()
+
+
 def compile_and_run(jitted, *args):
     """Returns (outputs, compile_seconds, run_seconds) for a `jax.jit`-wrapped function.
 
