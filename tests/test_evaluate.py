@@ -117,3 +117,23 @@ def test_two_processes_score_like_one(evaluated, tmp_path):
     for task, metric in (("demo_copy_mc", "acc,none"), ("demo_copy_gen", "exact_match,none")):
         assert two["results"][task][metric] == evaluated["results"][task][metric]
     assert two["config"]["model"] == "twotower"
+
+
+def test_task_index_is_the_include_path_alone_when_it_defines_every_task(tmp_path):
+    from lm_eval.tasks import TaskManager
+    write_tasks(tmp_path)
+    local = evaluate.task_manager(TaskManager, str(tmp_path), ["demo_copy_mc", "demo_copy_gen"])
+    assert set(local.all_tasks) == {"demo_copy_mc", "demo_copy_gen"}   # lm-eval's built-ins not indexed
+
+    made = []
+
+    class Recording:   # stands in for TaskManager: indexing the built-ins costs ~12 s
+        def __init__(self, include_path=None, include_defaults=True):
+            made.append(include_defaults)
+            self.all_tasks = ["demo_copy_mc"] + (["arc_easy"] if include_defaults else [])
+
+    assert evaluate.task_manager(Recording, str(tmp_path), ["demo_copy_mc", "arc_easy"]).all_tasks[-1] == "arc_easy"
+    assert made == [False, True]
+    made.clear()
+    evaluate.task_manager(Recording, None, ["arc_easy"])
+    assert made == [True]
