@@ -63,12 +63,16 @@ test-latest:
 	$(LATEST_VENV)/bin/python -c "import sys, jax, flax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
 	$(call SUITE,$(LATEST_VENV)/bin/python,-rs)
 
-# On a machine with a GPU and jax[cuda] installed (under 8 minutes on an H100; no network needed):
-# writes experiments/results/gpu_check_<device>.{json,md}. GPU_PY: that machine's python.
+# On a machine with a GPU and jax[cuda] installed (under 9 minutes on an H100; no network needed):
+# writes experiments/results/gpu_check_<device>.{json,md}, then times one decode step of the 22.7M config at
+# batch 1 and 8 (issue 12's batch-8 ≤ 2x batch-1 target; ~30 s) into decode_batch_step_gpu.json.
+# GPU_PY: that machine's python.
 GPU_PY ?= python3
 
 gpu-check:
 	PYTHONPATH=. $(GPU_PY) experiments/gpu_check.py
+	cd experiments && PYTHONPATH=.. $(GPU_PY) bench_decode_batch.py --parts step --variants old,new --rounds 10 \
+		--steps 5 --out results/decode_batch_step_gpu.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
