@@ -1,4 +1,4 @@
-"""The GPU check: one command for a lent GPU, under 8 minutes on an H100, writing
+"""The GPU check: one command for a lent GPU, under 9 minutes on an H100, writing
 experiments/results/gpu_check_<device>.json and .md. Each section is timed and guarded (an error is
 recorded, the next section runs), and the whole run keeps to --budget-s:
 
@@ -12,6 +12,9 @@ recorded, the next section runs), and the whole run keeps to --budget-s:
                experts; random bf16 params): prefill with each scan impl (logits vs chunked, tokens/s)
                and with the fused attention route (cuDNN via jax.nn.dot_product_attention), decode
                tokens/s at batch 1 and 8 with blockwise and fused attention;
+  long_decode  decode steps of that tower at batch 1 after a 32k-token prompt, with each way of tiling a
+               one-token call's keys (128-key tiles, the default chosen on a CPU; 1024; one tile; fused):
+               ms per step and whether the tokens equal the default's;
   samplers     generate_ar, generate_mock_ar and generate_mask_diffusion on a TwoTower of that config:
                tokens/s of a warm run (compile excluded), tokens per denoiser pass;
   memory_plan  the AOT memory plan of the real config on this GPU (`twotower_jax.plan.memory_plan` where
@@ -50,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_* siblin
 
 from bench_common import compile_and_time  # noqa: E402
 
-SECTIONS = ("ssd", "moe", "tower", "samplers", "memory_plan")
+SECTIONS = ("ssd", "moe", "tower", "long_decode", "samplers", "memory_plan")
 SCAN_IMPLS = ("sequential", "chunked", "pallas", "pallas_mosaic")
 
 
@@ -66,6 +69,7 @@ class Sizes:
     decode_batches: tuple = (1, 8)
     decode_context: int = 512
     decode_steps: int = 32
+    long_decode_context: int = 32768
     sampler_batch: int = 4
     prompt_length: int = 64
     new_tokens: int = 64
@@ -76,14 +80,15 @@ class Sizes:
     plan_modes: tuple = ("ar", "diffusion")
     repeats: int = 5
     # seconds each section may start new work in (the memory plan gets what is left of --budget-s)
-    section_seconds: tuple = (("ssd", 100), ("moe", 40), ("tower", 75), ("samplers", 75))
+    section_seconds: tuple = (("ssd", 100), ("moe", 40), ("tower", 75), ("long_decode", 90), ("samplers", 75))
 
 
 SMOKE = Sizes(ssd_dims=(4, 16, 16, 2), ssd_lengths=(40,), ssd_modes=("fwd",), moe_dims=(8, 2, 32, 16),
               moe_tokens=(40,), prefill=(1, 24), decode_batches=(1,), decode_context=8, decode_steps=2,
+              long_decode_context=300,
               sampler_batch=2, prompt_length=6, new_tokens=4, block_size=4, steps_per_block=2, plan_context=16,
               plan_new_tokens=4, plan_modes=("ar",), repeats=1,
-              section_seconds=(("ssd", 60), ("moe", 30), ("tower", 60), ("samplers", 60)))
+              section_seconds=(("ssd", 60), ("moe", 30), ("tower", 60), ("long_decode", 30), ("samplers", 60)))
 
 
 def tower_config(smoke: bool):
@@ -217,9 +222,28 @@ def section_moe(sizes: Sizes, clock: Clock, smoke: bool):
     return rows
 
 
-def _tower(config, scan: str = "auto", attention: str = "blockwise"):
+def _tower(config, scan: str = "auto", attention: str = "blockwise", impl=None):
     from twotower_jax.tower import Impl, NemotronH
-    return NemotronH(config, jnp.bfloat16, jnp.bfloat16, Impl(scan=scan, attention=attention))
+    return NemotronH(config, jnp.bfloat16, jnp.bfloat16, impl or Impl(scan=scan, attention=attention))
+
+
+def _time_decode(model, params, cache, token, steps: int, repeats: int):
+    """(median seconds of `steps` greedy decode steps in one program, compile seconds, the tokens (b, steps)):
+    each step's argmax is the next step's input, so the logits are used."""
+    from bench_common import median_seconds
+
+    def decode(p, cache, token):
+        def step(carry, _):
+            token, cache = carry
+            logits, cache = model.decode_step(p, token, cache)
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            return (token, cache), token
+        return jax.lax.scan(step, (token, cache), None, length=steps)[1].T
+
+    begin = time.perf_counter()
+    compiled = jax.jit(decode).lower(params, cache, token).compile()
+    compile_s = time.perf_counter() - begin
+    return median_seconds(compiled, (params, cache, token), repeats), compile_s, np.asarray(compiled(params, cache, token))
 
 
 def section_tower(sizes: Sizes, clock: Clock, smoke: bool, meta: dict):
@@ -271,27 +295,52 @@ def section_tower(sizes: Sizes, clock: Clock, smoke: bool, meta: dict):
             rows.append({**row, "status": "skipped: time budget"})
             continue
         steps = sizes.decode_steps
-
-        def decode(p, cache, token):
-            def step(_, carry):
-                token, cache = carry
-                logits, cache = model.decode_step(p, token, cache)
-                return jnp.argmax(logits, -1).astype(jnp.int32), cache
-            return jax.lax.fori_loop(0, steps, step, (token, cache))[0]
-
         try:
             prompt = jnp.asarray(rng.integers(4, config.vocab_size, (batch, sizes.decode_context)), jnp.int32)
             _, cache = model.prefill(params, prompt, capacity=sizes.decode_context + steps, logits_at="last")
-            token = prompt[:, -1]
-            begin = time.perf_counter()
-            compiled = jax.jit(decode).lower(params, cache, token).compile()
-            compile_s = time.perf_counter() - begin
-            seconds = median_seconds(compiled, (params, cache, token), sizes.repeats)
+            seconds, compile_s, _ = _time_decode(model, params, cache, prompt[:, -1], steps, sizes.repeats)
         except Exception as e:  # noqa: BLE001
             rows.append({**row, "status": "error", "error": short_error(e)})
             continue
         rows.append({**row, "status": "ok", "ms": seconds * 1e3, "ms_per_step": seconds * 1e3 / steps,
                      "tokens_per_s": batch * steps / seconds, "compile_s": compile_s})
+    return rows
+
+
+def section_long_decode(sizes: Sizes, clock: Clock, smoke: bool):
+    """Decode steps of the ~1B tower at batch 1 after a long prompt, with each way of tiling a one-token
+    call's keys. The default (`Impl.attention_decode_k_chunk` = 128) was chosen on a CPU, where a tile over
+    the whole cache re-lays it out every step; but its tiles run as a loop (capacity/128 iterations per
+    attention layer, each a `cond` that skips tiles past the fill), which on a GPU may cost more in loop
+    and launch overhead than it saves in reads. Rows: tiles of 128 (default), of 1024 (`attention_k_chunk`),
+    one tile over the whole capacity, and the fused route; tokens must equal the default's."""
+    from twotower_jax.tower import Impl
+
+    config = tower_config(smoke)
+    params = device_random_params(_tower(config).param_shapes())
+    fill, steps = sizes.long_decode_context, sizes.decode_steps
+    capacity = fill + steps
+    prompt = jnp.asarray(np.random.default_rng(1).integers(4, config.vocab_size, (1, fill)), jnp.int32)
+    _, cache = _tower(config).prefill(params, prompt, capacity=capacity, logits_at="last")
+    one_tile = -(-capacity // 128) * 128
+    variants = {"tiles_128": Impl(), "tiles_1024": Impl(attention_decode_k_chunk=None),
+                "one_tile": Impl(attention_k_chunk=one_tile, attention_decode_k_chunk=None),
+                "fused": Impl(attention="fused")}
+    rows, reference = [], None
+    for name, impl in variants.items():
+        row = {"phase": "decode", "attention_keys": name, "batch": 1, "fill": fill, "steps": steps}
+        if clock.expired():
+            rows.append({**row, "status": "skipped: time budget"})
+            continue
+        try:
+            seconds, compile_s, tokens = _time_decode(_tower(config, impl=impl), params, cache, prompt[:, -1],
+                                                      steps, sizes.repeats)
+        except Exception as e:  # noqa: BLE001
+            rows.append({**row, "status": "error", "error": short_error(e)})
+            continue
+        reference = tokens if reference is None else reference
+        rows.append({**row, "status": "ok", "ms_per_step": seconds * 1e3 / steps, "compile_s": compile_s,
+                     "tokens_equal_default": bool(np.array_equal(tokens, reference))})
     return rows
 
 
@@ -407,7 +456,7 @@ def _prefill_memory_analysis(config, sizes: Sizes, clock: Clock) -> dict:
 
 # --- driver ---
 
-def run(smoke: bool = False, budget_s: float = 450.0, sections=SECTIONS, out_dir: str | None = None,
+def run(smoke: bool = False, budget_s: float = 510.0, sections=SECTIONS, out_dir: str | None = None,
         sizes: Sizes | None = None) -> tuple[dict, str]:
     """Runs the sections; writes <out_dir>/gpu_check_<device>[_smoke].{json,md}; returns (results, json path)."""
     sizes = sizes or (SMOKE if smoke else Sizes())
@@ -514,7 +563,7 @@ def main(argv=None):
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out-dir", default=None, help="default: experiments/results/")
     args = parser.parse_args(argv)
-    budget = args.budget_s if args.budget_s is not None else (150.0 if args.smoke else 450.0)
+    budget = args.budget_s if args.budget_s is not None else (150.0 if args.smoke else 510.0)
     run(smoke=args.smoke, budget_s=budget, sections=args.sections, out_dir=args.out_dir)
 
 

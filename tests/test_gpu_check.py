@@ -47,6 +47,9 @@ def test_smoke_run_writes_every_section_with_numbers(tmp_path):
     else:                                 # the reason is recorded, the other impls still ran
         assert mosaic["status"] == "error" and "interpret" in mosaic["error"]
     assert all(r["status"] == "ok" and r["max_rel_err_vs_dense"] < 1e-2 for r in sections["moe"]["rows"])
+    long_decode = {r["attention_keys"]: r for r in sections["long_decode"]["rows"]}
+    assert set(long_decode) == {"tiles_128", "tiles_1024", "one_tile", "fused"}
+    assert all(r["status"] == "ok" and r["tokens_equal_default"] for r in long_decode.values()), long_decode
     tower = {(r["phase"], r["scan"]): r for r in sections["tower"]["rows"]}
     assert tower[("prefill", "pallas")]["max_rel_err_vs_chunked"] < 2e-2
     assert tower[("decode", "auto")]["tokens_per_s"] > 0
