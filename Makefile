@@ -29,8 +29,8 @@ demo: $(STAMP)
 # The two host-memory tests (tracemalloc peaks) run each in a process that has run nothing else (after other
 # tests in the same process the converter's measured peak rose from 2.9x to 5.0x the largest tensor): on 2
 # more workers in the background, their output printed after the main run's. XDIST= runs the main part in
-# one process (safe since conftest releases compiled programs after each file: a process that kept them all
-# ran out of memory mappings inside an XLA:CPU compile).
+# one process: a process that kept every compiled program ran out of memory mappings inside an XLA:CPU
+# compile; conftest now releases them after each file (the whole suite has not been re-run in one process).
 # All the processes of a run (and the subprocesses the tests start) share one persistent compilation cache
 # (tests/conftest.py), a new directory for each run, removed at its end: a program compiled twice in a run
 # is loaded the second time. The suite's stated time is that of this cold start.
