@@ -8,6 +8,7 @@ the end, the tower as a checkpoint at WORKDIR/checkpoint (usable by `python -m t
 """
 from absl import app, flags
 
+from twotower_jax import distributed
 from train_flags import FLAGS, data_settings, define_training_flags, scale_settings, train_config
 from twotower_jax.training.recipes import demo_config, train_ar_tower
 
@@ -21,6 +22,7 @@ def main(argv):
     path = train_ar_tower(FLAGS.workdir, train_config(), data_settings(), demo_config(FLAGS.hidden_size),
                           stop_after=FLAGS.stop_after, **scale)
     print(f"tower checkpoint: {path}" if path else f"stopped after step {FLAGS.stop_after}; rerun to resume")
+    distributed.shutdown()   # a multi-process job: leave it before exit (see distributed.shutdown)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ end, the TwoTower at WORKDIR/checkpoint (usable by `generate --checkpoint` and e
 """
 from absl import app, flags
 
+from twotower_jax import distributed
 from train_flags import FLAGS, data_settings, define_training_flags, scale_settings, train_config
 from twotower_jax.training.objective import T_MIN
 from twotower_jax.training.recipes import DenoiserRecipe, train_denoiser
@@ -27,6 +28,7 @@ flags.DEFINE_bool("answers_only", False, "variant: loss over masked answer posit
 
 
 def main(argv):
+
     del argv
     curriculum = tuple((int(size), float(fraction))
                        for size, fraction in (item.split(":") for item in FLAGS.curriculum))
@@ -36,6 +38,7 @@ def main(argv):
     path = train_denoiser(FLAGS.context_checkpoint, FLAGS.workdir, train_config(), data_settings(), recipe=recipe,
                           stop_after=FLAGS.stop_after, **scale)
     print(f"TwoTower checkpoint: {path}" if path else f"stopped after step {FLAGS.stop_after}; rerun to resume")
+    distributed.shutdown()   # a multi-process job: leave it before exit (see distributed.shutdown)
 
 
 if __name__ == "__main__":

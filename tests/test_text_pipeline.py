@@ -265,8 +265,9 @@ def test_two_processes_on_their_own_shards_equal_one_process_with_the_global_bat
                 "--tokenizer", str(root / "tokenizer.json"), "--workdir", str(workdir), "--out", str(out)]
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": xla_flags(devices)}
+        # without the suite's shared compilation cache (tests/test_train_parallel.py `_env` says why)
+        env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+               "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
         return subprocess.Popen(argv, env=env)
 
     def two_processes(out, **flags):

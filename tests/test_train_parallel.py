@@ -20,8 +20,10 @@ KILL_AT_STEP = 12     # between the checkpoints after steps 10 and 15
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": xla_flags(devices),
-            "JAX_PLATFORMS": "cpu"}
+    # Without the suite's shared persistent compilation cache: on jax 0.12.1 two processes relaunched with
+    # a cache the first launch had filled hung before their first step.
+    env = {key: value for key, value in os.environ.items() if key != "JAX_COMPILATION_CACHE_DIR"}
+    return {**env, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
 
 
 def run_worker(out, runs, devices=1, **flags):

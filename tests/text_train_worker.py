@@ -91,6 +91,7 @@ def main():
                        "global_rows_from": global_rows_from,
                        "params": {jax.tree_util.keystr(p): v.tolist()
                                   for p, v in jax.tree_util.tree_leaves_with_path(gathered)}}, f)
+    distributed.shutdown()   # jax 0.12.1 hung at exit after orbax checkpoints otherwise
 
 
 if __name__ == "__main__":

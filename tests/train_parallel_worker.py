@@ -117,6 +117,7 @@ def main():
     if jax.process_index() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
+    distributed.shutdown()   # jax 0.12.1 hung at exit after orbax checkpoints otherwise
 
 if __name__ == "__main__":
     main()
