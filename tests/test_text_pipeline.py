@@ -255,7 +255,7 @@ def test_two_processes_on_their_own_shards_equal_one_process_with_the_global_bat
     import subprocess
     import sys
 
-    from xla_test_flags import xla_flags
+    from xla_test_flags import training_subprocess_env
 
     root, _ = corpus
     worker = os.path.join(os.path.dirname(__file__), "text_train_worker.py")
@@ -265,10 +265,7 @@ def test_two_processes_on_their_own_shards_equal_one_process_with_the_global_bat
                 "--tokenizer", str(root / "tokenizer.json"), "--workdir", str(workdir), "--out", str(out)]
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
-        # without the suite's shared compilation cache (tests/test_train_parallel.py `_env` says why)
-        env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
-               "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
-        return subprocess.Popen(argv, env=env)
+        return subprocess.Popen(argv, env=training_subprocess_env(devices))
 
     def two_processes(out, **flags):
         with socket.socket() as s:

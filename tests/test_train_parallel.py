@@ -12,25 +12,18 @@ import numpy as np
 import pytest
 
 from twotower_jax.training import parallel
-from xla_test_flags import xla_flags
+from xla_test_flags import training_subprocess_env
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_parallel_worker.py")
 STEPS = 20
 KILL_AT_STEP = 12     # between the checkpoints after steps 10 and 15
 
 
-def _env(devices: int) -> dict:
-    # Without the suite's shared persistent compilation cache: on jax 0.12.1 two processes relaunched with
-    # a cache the first launch had filled hung before their first step.
-    env = {key: value for key, value in os.environ.items() if key != "JAX_COMPILATION_CACHE_DIR"}
-    return {**env, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
-
-
 def run_worker(out, runs, devices=1, **flags):
     argv = [sys.executable, WORKER, "--out", str(out), "--steps", str(STEPS), "--runs", *runs]
     for key, value in flags.items():
         argv += [f"--{key}", str(value)]
-    return subprocess.Popen(argv, env=_env(devices))
+    return subprocess.Popen(argv, env=training_subprocess_env(devices))
 
 
 def assert_same_run(a, b, tol=1e-5):

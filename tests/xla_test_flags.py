@@ -35,3 +35,11 @@ def fast_compile_flags() -> tuple[str, ...]:
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a test subprocess with `devices` CPU devices."""
     return " ".join((f"--xla_force_host_platform_device_count={devices}", *fast_compile_flags()))
+
+
+def training_subprocess_env(devices: int) -> dict:
+    """The environment for a training subprocess with `devices` CPU devices: the suite's XLA flags, CPU only,
+    and without the suite's shared persistent compilation cache (on jax 0.12.1 two processes relaunched with
+    a cache their first launch had filled hung before their first step)."""
+    env = {key: value for key, value in os.environ.items() if key != "JAX_COMPILATION_CACHE_DIR"}
+    return {**env, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
