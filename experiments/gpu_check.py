@@ -230,8 +230,6 @@ def _tower(config, scan: str = "auto", attention: str = "blockwise", impl=None):
 def _time_decode(model, params, cache, token, steps: int, repeats: int):
     """(median seconds of `steps` greedy decode steps in one program, compile seconds, the tokens (b, steps)):
     each step's argmax is the next step's input, so the logits are used."""
-    from bench_common import median_seconds
-
     def decode(p, cache, token):
         def step(carry, _):
             token, cache = carry
@@ -240,14 +238,11 @@ def _time_decode(model, params, cache, token, steps: int, repeats: int):
             return (token, cache), token
         return jax.lax.scan(step, (token, cache), None, length=steps)[1].T
 
-    begin = time.perf_counter()
-    compiled = jax.jit(decode).lower(params, cache, token).compile()
-    compile_s = time.perf_counter() - begin
-    return median_seconds(compiled, (params, cache, token), repeats), compile_s, np.asarray(compiled(params, cache, token))
+    seconds, compile_s, tokens = compile_and_time(decode, (params, cache, token), repeats)
+    return seconds, compile_s, np.asarray(tokens)
 
 
 def section_tower(sizes: Sizes, clock: Clock, smoke: bool, meta: dict):
-    from bench_common import median_seconds
     from twotower_jax.tower import count_params
 
     config = tower_config(smoke)
@@ -273,12 +268,8 @@ def section_tower(sizes: Sizes, clock: Clock, smoke: bool, meta: dict):
             continue
         model = _tower(config, scan, attention)
         try:
-            begin = time.perf_counter()
-            prefill = jax.jit(lambda p, t, m=model: m.prefill(p, t, logits_at="last")[0])
-            compiled = prefill.lower(params, tokens).compile()
-            compile_s = time.perf_counter() - begin
-            seconds = median_seconds(compiled, (params, tokens), sizes.repeats)
-            logits = compiled(params, tokens)
+            seconds, compile_s, logits = compile_and_time(lambda p, t, m=model: m.prefill(p, t, logits_at="last")[0],
+                                                          (params, tokens), sizes.repeats)
         except Exception as e:  # noqa: BLE001
             rows.append({**row, "status": "error", "error": short_error(e)})
             continue

@@ -28,7 +28,6 @@ flags.DEFINE_bool("answers_only", False, "variant: loss over masked answer posit
 
 
 def main(argv):
-
     del argv
     curriculum = tuple((int(size), float(fraction))
                        for size, fraction in (item.split(":") for item in FLAGS.curriculum))

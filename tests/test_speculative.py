@@ -87,8 +87,9 @@ def test_logprob_gap_is_ars_own_chunk_vs_step_rounding():
     16 positions vs 1; ~1e-6 relative to logits of size ~10). So the check is: identical tokens, and every
     log-prob within 1e-5 · (1 + |log p|) of AR's (numpy's allclose with atol = rtol = 1e-5, as for the
     other models; measured on 64 tasks of an earlier demo at S = 16: max 1.29e-5 absolute at log p = −1.06,
-    6.2e-6 in that unit; here ~1.2e-6), while AR's own prefill-vs-decode gap is of the same order (< 5e-5). A real error (a
-    log-prob read at the wrong position, of the wrong token, or from scaled logits) is ≥ 1e-2 here.
+    6.2e-6 in that unit; here ~1.2e-6), while AR's own prefill-vs-decode gap is of the same order (< 5e-5).
+    A real error (a log-prob read at the wrong position, of the wrong token, or from scaled logits) is ≥ 1e-2
+    here.
     The prompts stop after the first letter or digit of each task's operand: the demo model answers whole
     prompts so surely that its greedy log-probs are 0.0 in float32 (no gap to see), while the letters it
     must guess next keep them away from 0."""
